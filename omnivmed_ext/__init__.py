@@ -1,0 +1,39 @@
+"""omnivmed_ext: the fused C++/CUDA ops of omnivmed, usable on their own.
+
+Ops (registered under ``torch.ops.omnivmed``; the functions here validate arguments and
+give clear errors):
+
+- :func:`rope_nd`: multi-axis rotary position embedding over (t, h, w), forward and
+  backward.
+
+Pure-PyTorch references live in :mod:`omnivmed_ext.reference`; position helpers in
+:mod:`omnivmed_ext.positions`.
+"""
+
+from ._library import built_with_cuda, cuda_archs, library_loaded
+from .positions import (
+    ItemGrid,
+    PackedPositions,
+    check_cu_seqlens,
+    cu_seqlens_from_lengths,
+    frame_positions,
+    grid_positions,
+    lengths_from_cu_seqlens,
+    packed_positions,
+)
+from .rope import rope_nd
+
+__all__ = [
+    "ItemGrid",
+    "PackedPositions",
+    "built_with_cuda",
+    "check_cu_seqlens",
+    "cu_seqlens_from_lengths",
+    "cuda_archs",
+    "frame_positions",
+    "grid_positions",
+    "lengths_from_cu_seqlens",
+    "library_loaded",
+    "packed_positions",
+    "rope_nd",
+]

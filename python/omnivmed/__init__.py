@@ -1,0 +1,4 @@
+"""omnivmed: a unified medical vision-language model over text, 2D images, 3D volumes and
+videos (OmniV-Med and MedM-VL), built on the fused ops of :mod:`omnivmed_ext`."""
+
+__version__ = "0.1.0"
