@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Build, test, sanitize and benchmark on a CUDA machine, in one go. Logs and benchmark
+# JSON go to $OUT (default ./gpu_out). Usage: bash benchmarks/gpu_suite.sh [build|test|sanitize|bench]...
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(build test sanitize bench)
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+status=0
+for step in "${steps[@]}"; do
+  echo "=== $step ==="
+  case $step in
+    env)
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$OUT/env.txt"
+      $PY -c "import torch,sys;print(sys.version);print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/env.txt"
+      ;;
+    build)
+      # Only the machine's own architecture, to save build time on a lent device.
+      cap=$($PY -c "import torch;m,n=torch.cuda.get_device_capability();print(f'{m}.{n}')")
+      TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap} MAX_JOBS=${MAX_JOBS:-16} OMNIVMED_FORCE_CUDA=1 \
+        OMNIVMED_PTXAS_VERBOSE=1 $PY -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1 \
+        || { echo "build failed"; tail -40 "$OUT/build.log"; exit 1; }
+      grep -E "spill|Used [0-9]+ registers" "$OUT/build.log" | sort | uniq -c | sort -rn | head -20
+      ;;
+    test)
+      (cd tests && $PY -m pytest -q -p no:cacheprovider --rootdir=.. . 2>&1 | tee "$OUT/pytest.log" | tail -25) || status=1
+      ;;
+    sanitize)
+      for tool in memcheck racecheck initcheck synccheck; do
+        compute-sanitizer --tool $tool --error-exitcode 9 $PY tests/sanitize_cuda_ops.py >"$OUT/sanitize_$tool.log" 2>&1
+        rc=$?
+        echo "compute-sanitizer $tool: exit $rc; $(grep -E 'ERROR SUMMARY|mismatches' "$OUT/sanitize_$tool.log" | tr '\n' ' ')"
+        [ $rc -ne 0 ] && status=1
+      done
+      ;;
+    bench)
+      for b in ${BENCHES:-bench_rope}; do
+        $PY benchmarks/$b.py --device cuda 2>&1 | tee "$OUT/$b.log" | tail -20
+      done
+      cp benchmarks/results/*.json "$OUT/" 2>/dev/null
+      ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
+exit $status
