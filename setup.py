@@ -177,7 +177,7 @@ def extension_modules() -> tuple[list, dict]:
     sources = sorted(
         str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp") if "tests" not in p.parts
     )
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    cxx_flags = ["-O3"]
     define_macros = []
     include_dirs = [str(ROOT / "csrc")]
     arch_names: list[str] = []
