@@ -18,10 +18,11 @@ for step in "${steps[@]}"; do
       $PY -c "import torch,sys;print(sys.version);print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/env.txt"
       ;;
     build)
-      # A toolchain whose libstdc++ is newer than the one the process loads at run time
-      # miscompiles nothing but crashes on the first C++ exception's message; prefer the
-      # system compiler, whose headers match the system libstdc++.
-      if [ -x /usr/bin/g++ ] && [ -z "${CXX:-}" ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+      # Use the system compiler: a wrapper compiler that links its own copy of libstdc++
+      # into the extension gives the process two C++ runtimes, and the first C++
+      # exception's message then crashes. OMNIVMED_KEEP_CXX=1 keeps $CXX.
+      if [ -x /usr/bin/g++ ] && [ -z "${OMNIVMED_KEEP_CXX:-}" ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+      rm -rf build
       # Only the machine's own architecture, to save build time on a lent device.
       cap=$($PY -c "import torch;m,n=torch.cuda.get_device_capability();print(f'{m}.{n}')")
       TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap} MAX_JOBS=${MAX_JOBS:-16} OMNIVMED_FORCE_CUDA=1 \
