@@ -161,8 +161,7 @@ def write_build_config(with_cuda: bool, arch_names: list[str]) -> Path:
     inc = BUILD_AUX / "generated"
     inc.mkdir(parents=True, exist_ok=True)
     (inc / "omnivmed_build_config.h").write_text(
-        "#pragma once\n"
-        f'#define OMNIVMED_CUDA_ARCHS "{";".join(arch_names) if with_cuda else ""}"\n'
+        f'#pragma once\n#define OMNIVMED_CUDA_ARCHS "{";".join(arch_names) if with_cuda else ""}"\n'
     )
     return inc
 
@@ -182,7 +181,9 @@ def extension_modules() -> tuple[list, dict]:
     include_dirs = [str(ROOT / "csrc")]
     arch_names: list[str] = []
     if toolkit is not None:
-        arch_flags, arch_names = parse_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS))
+        arch_flags, arch_names = parse_arch_list(
+            os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        )
         _log(f"CUDA toolkit {toolkit}; architectures {';'.join(arch_names)}")
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
         define_macros.append(("OMNIVMED_WITH_CUDA", None))
@@ -214,7 +215,7 @@ def extension_modules() -> tuple[list, dict]:
 ext_modules, cmdclass = extension_modules()
 
 setup(
-    packages=find_packages(where="python") + ["omnivmed_ext"],
+    packages=[*find_packages(where="python"), "omnivmed_ext"],
     package_dir={"omnivmed": "python/omnivmed", "omnivmed_ext": "omnivmed_ext"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

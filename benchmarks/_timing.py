@@ -91,19 +91,29 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def write_results(name: str, device: torch.device, rows: Sequence[dict], extra: dict | None = None) -> Path:
+def write_results(
+    name: str, device: torch.device, rows: Sequence[dict], extra: dict | None = None
+) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     tag = "cpu" if device.type == "cpu" else env["device"].lower().replace(" ", "-")
     path = RESULTS_DIR / f"{name}_{tag}.json"
-    path.write_text(json.dumps({"benchmark": name, "environment": env, **(extra or {}), "rows": list(rows)}, indent=2) + "\n")
+    path.write_text(
+        json.dumps(
+            {"benchmark": name, "environment": env, **(extra or {}), "rows": list(rows)}, indent=2
+        )
+        + "\n"
+    )
     return path
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> None:
     """columns: (key, header, format spec)."""
     headers = [h for _, h, _ in columns]
-    cells = [[format(r.get(k, float("nan")), f) if r.get(k) is not None else "-" for k, _, f in columns] for r in rows]
+    cells = [
+        [format(r.get(k, float("nan")), f) if r.get(k) is not None else "-" for k, _, f in columns]
+        for r in rows
+    ]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
     for c in cells:

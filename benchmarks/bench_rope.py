@@ -65,24 +65,34 @@ def bench_shape(device, dtype_name, length, heads, head_dim, sections, args) -> 
     }
     if not args.no_compile:
         compiled = torch.compile(rope_nd_reference, dynamic=False)
-        row["compile_ms"] = time_call(lambda i: compiled(xs[i % copies], pos, sections), device, **timing)["median_ms"]
+        row["compile_ms"] = time_call(
+            lambda i: compiled(xs[i % copies], pos, sections), device, **timing
+        )["median_ms"]
         row["speedup_vs_compile"] = row["compile_ms"] / row["op_ms"]
     row["speedup_vs_eager"] = row["eager_ms"] / row["op_ms"]
     moved = 2 * xs[0].numel() * xs[0].element_size() + pos.numel() * pos.element_size()
     row["op_GBps"] = moved / row["op_ms"] / 1e6
     if device.type == "cuda":
-        copy_ms = time_call(lambda i: outs[i % copies].copy_(xs[i % copies]), device, **timing)["median_ms"]
+        copy_ms = time_call(lambda i: outs[i % copies].copy_(xs[i % copies]), device, **timing)[
+            "median_ms"
+        ]
         row["copy_GBps"] = 2 * xs[0].numel() * xs[0].element_size() / copy_ms / 1e6
         row["fraction_of_copy"] = row["op_GBps"] / row["copy_GBps"]
     return row
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--iters", type=int, default=None, help="timed runs (default 30 CPU, 200 CUDA)")
+    parser.add_argument(
+        "--iters", type=int, default=None, help="timed runs (default 30 CPU, 200 CUDA)"
+    )
     parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--min-seconds", type=float, default=0.0, help="CPU: time for at least this long")
+    parser.add_argument(
+        "--min-seconds", type=float, default=0.0, help="CPU: time for at least this long"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--quick", action="store_true", help="only the target shape")
     parser.add_argument("--no-save", action="store_true")
@@ -100,19 +110,34 @@ def main(argv=None) -> None:
         rows.append(bench_shape(device, *shape, args))
         print(f"done {shape}", flush=True)
     columns = [
-        ("dtype", "dtype", "s"), ("L", "L", "d"), ("H", "H", "d"), ("D", "D", "d"),
-        ("op_ms", "op ms", ".3f"), ("eager_ms", "eager ms", ".3f"), ("compile_ms", "compile ms", ".3f"),
-        ("speedup_vs_eager", "x eager", ".2f"), ("speedup_vs_compile", "x compile", ".2f"),
-        ("op_GBps", "op GB/s", ".1f"), ("copy_GBps", "copy GB/s", ".1f"),
-        ("fraction_of_copy", "of copy", ".2f"), ("max_abs_err_vs_fp64", "max err", ".1e"),
+        ("dtype", "dtype", "s"),
+        ("L", "L", "d"),
+        ("H", "H", "d"),
+        ("D", "D", "d"),
+        ("op_ms", "op ms", ".3f"),
+        ("eager_ms", "eager ms", ".3f"),
+        ("compile_ms", "compile ms", ".3f"),
+        ("speedup_vs_eager", "x eager", ".2f"),
+        ("speedup_vs_compile", "x compile", ".2f"),
+        ("op_GBps", "op GB/s", ".1f"),
+        ("copy_GBps", "copy GB/s", ".1f"),
+        ("fraction_of_copy", "of copy", ".2f"),
+        ("max_abs_err_vs_fp64", "max err", ".1e"),
     ]
     print_table(rows, columns)
     if not args.no_save:
-        path = write_results("rope_nd", device, rows, {"baselines": {
-            "eager": "omnivmed_ext.reference.rope_nd_reference (eager PyTorch, fp32 math)",
-            "compile": "torch.compile(rope_nd_reference)",
-            "copy": "Tensor.copy_ of the same tensor, device to device (CUDA only)",
-        }})
+        path = write_results(
+            "rope_nd",
+            device,
+            rows,
+            {
+                "baselines": {
+                    "eager": "omnivmed_ext.reference.rope_nd_reference (eager PyTorch, fp32 math)",
+                    "compile": "torch.compile(rope_nd_reference)",
+                    "copy": "Tensor.copy_ of the same tensor, device to device (CUDA only)",
+                }
+            },
+        )
         print(f"wrote {path}")
 
 

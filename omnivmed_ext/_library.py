@@ -7,7 +7,7 @@ from types import ModuleType
 import torch
 
 try:
-    from omnivmed_ext import _C as _compiled
+    from omnivmed_ext import _C as _compiled  # noqa: N811
 except ImportError as exc:  # not built, or built against another torch
     _compiled: ModuleType | None = None
     _IMPORT_ERROR: ImportError | None = exc

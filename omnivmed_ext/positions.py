@@ -7,6 +7,7 @@ length B+1, starting at 0) marks where each one starts.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,7 +58,9 @@ def frame_positions(
     return torch.stack((tt, hh, ww), dim=-1).reshape(-1, 3).to(dtype)
 
 
-def cu_seqlens_from_lengths(lengths: Sequence[int] | torch.Tensor, *, device: DeviceLike = None) -> torch.Tensor:
+def cu_seqlens_from_lengths(
+    lengths: Sequence[int] | torch.Tensor, *, device: DeviceLike = None
+) -> torch.Tensor:
     """int32 `[B+1]` offsets (0, l0, l0+l1, ...) from per-item lengths."""
     lengths_t = torch.as_tensor(lengths, dtype=torch.int64, device=device).reshape(-1)
     if (lengths_t < 0).any():
@@ -78,13 +81,15 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, *, name: str = "cu_se
     """Raise unless `cu_seqlens` is int32 `[B+1]`, starts at 0, never decreases and ends at
     `total`. Reads the values, so it synchronises with the device."""
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"{name} must be a 1-D tensor of B+1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(
+            f"{name} must be a 1-D tensor of B+1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}"
+        )
     if cu_seqlens.dtype != torch.int32:
         raise TypeError(f"{name} must be int32, got {cu_seqlens.dtype}")
     values = cu_seqlens.tolist()
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")
-    if any(b < a for a, b in zip(values, values[1:], strict=False)):
+    if any(b < a for a, b in itertools.pairwise(values)):
         raise ValueError(f"{name} must be non-decreasing, got {values}")
     if values[-1] != total:
         raise ValueError(f"{name} ends at {values[-1]} but there are {total} tokens")
@@ -123,7 +128,9 @@ def packed_positions(
     if len(items) == 0:
         raise ValueError("packed_positions needs at least one item")
     grids = [it if isinstance(it, ItemGrid) else ItemGrid(*it) for it in items]
-    parts = [frame_positions(g.frames, g.grid_h, g.grid_w, device=device, dtype=dtype) for g in grids]
+    parts = [
+        frame_positions(g.frames, g.grid_h, g.grid_w, device=device, dtype=dtype) for g in grids
+    ]
     lengths = [g.num_tokens for g in grids]
     return PackedPositions(
         positions=torch.cat(parts, dim=0),

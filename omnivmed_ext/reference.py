@@ -26,7 +26,9 @@ def rope_frequency_table(
     inv_freq, axis = [], []
     for a, count in enumerate(sections):
         j = torch.arange(count, dtype=torch.float64)
-        inv_freq.append(torch.pow(torch.tensor(float(theta), dtype=torch.float64), -j / max(count, 1)))
+        inv_freq.append(
+            torch.pow(torch.tensor(float(theta), dtype=torch.float64), -j / max(count, 1))
+        )
         axis.append(torch.full((count,), a, dtype=torch.long))
     return torch.cat(inv_freq).to(device=device, dtype=dtype), torch.cat(axis).to(device)
 

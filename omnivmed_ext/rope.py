@@ -41,7 +41,11 @@ def check_rope_nd_args(
         )
     if not 0.0 < theta < math.inf:  # also false for NaN
         raise ValueError(f"rope_nd: theta must be a positive finite number, got {theta}")
-    if positions.dim() != 2 or positions.shape[0] != x.shape[0] or positions.shape[1] != len(sections):
+    if (
+        positions.dim() != 2
+        or positions.shape[0] != x.shape[0]
+        or positions.shape[1] != len(sections)
+    ):
         raise ValueError(
             f"rope_nd: positions must be [L, A] = [{x.shape[0]}, {len(sections)}] (one row per "
             f"token, one column per section), got {list(positions.shape)}"

@@ -16,8 +16,14 @@ import omnivmed_ext
 
 def rope_cases():
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        for head_dim, sections in ((2, (1,)), (8, (1, 1, 2)), (72, (4, 16, 16)), (80, (8, 16, 16)),
-                                   (128, (16, 24, 24)), (256, (32, 32, 32, 32))):
+        for head_dim, sections in (
+            (2, (1,)),
+            (8, (1, 1, 2)),
+            (72, (4, 16, 16)),
+            (80, (8, 16, 16)),
+            (128, (16, 24, 24)),
+            (256, (32, 32, 32, 32)),
+        ):
             for length, heads in ((1, 1), (97, 3), (1025, 16)):
                 yield dtype, head_dim, sections, length, heads
 

@@ -156,12 +156,27 @@ def test_gradcheck_float64(device):
 def test_opcheck(device):
     op = torch.ops.omnivmed.rope_nd.default
     samples = [
-        (torch.randn(9, 2, 8, device=device, requires_grad=True),
-         random_positions(9, 2, device), [2, 2], 10000.0, False),
-        (torch.randn(5, 3, 72, device=device, dtype=torch.bfloat16),
-         random_positions(5, 3, device, torch.int64), [4, 16, 16], 500.0, True),
-        (torch.randn(4, 6, 2, 16, device=device, requires_grad=True)[:, ::2, 1],
-         random_positions(4, 4, device), [1, 2, 3, 2], 10000.0, False),
+        (
+            torch.randn(9, 2, 8, device=device, requires_grad=True),
+            random_positions(9, 2, device),
+            [2, 2],
+            10000.0,
+            False,
+        ),
+        (
+            torch.randn(5, 3, 72, device=device, dtype=torch.bfloat16),
+            random_positions(5, 3, device, torch.int64),
+            [4, 16, 16],
+            500.0,
+            True,
+        ),
+        (
+            torch.randn(4, 6, 2, 16, device=device, requires_grad=True)[:, ::2, 1],
+            random_positions(4, 4, device),
+            [1, 2, 3, 2],
+            10000.0,
+            False,
+        ),
     ]
     for args in samples:
         torch.library.opcheck(op, args)
@@ -201,28 +216,76 @@ def test_torch_compile_inductor_cpu():
 
 
 BAD_INPUTS = [
-    ("odd head dim", lambda: (torch.randn(4, 2, 7), torch.zeros(4, 1, dtype=torch.int32), [3]),
-     ValueError, "must be even"),
-    ("head dim too large", lambda: (torch.randn(4, 1, 258), torch.zeros(4, 1, dtype=torch.int32), [129]),
-     ValueError, "must be even and in"),
-    ("sections do not sum to D/2", lambda: (torch.randn(4, 2, 8), torch.zeros(4, 2, dtype=torch.int32), [2, 3]),
-     ValueError, "must sum to D/2 = 4"),
-    ("negative section", lambda: (torch.randn(4, 2, 8), torch.zeros(4, 2, dtype=torch.int32), [5, -1]),
-     ValueError, "non-negative"),
-    ("five axes", lambda: (torch.randn(4, 2, 10), torch.zeros(4, 5, dtype=torch.int32), [1] * 5),
-     ValueError, "1 to 4 axes"),
-    ("no axis", lambda: (torch.randn(4, 2, 8), torch.zeros(4, 0, dtype=torch.int32), []),
-     ValueError, "1 to 4 axes"),
-    ("positions rows", lambda: (torch.randn(4, 2, 8), torch.zeros(5, 2, dtype=torch.int32), [2, 2]),
-     ValueError, r"positions must be \[L, A\] = \[4, 2\]"),
-    ("positions columns", lambda: (torch.randn(4, 2, 8), torch.zeros(4, 3, dtype=torch.int32), [2, 2]),
-     ValueError, r"positions must be \[L, A\]"),
-    ("positions float", lambda: (torch.randn(4, 2, 8), torch.zeros(4, 2), [2, 2]),
-     TypeError, "int32 or int64"),
-    ("x integer", lambda: (torch.zeros(4, 2, 8, dtype=torch.int32), torch.zeros(4, 2, dtype=torch.int32), [2, 2]),
-     TypeError, "float32, float16, bfloat16 or float64"),
-    ("x two-dimensional", lambda: (torch.randn(4, 8), torch.zeros(4, 2, dtype=torch.int32), [2, 2]),
-     ValueError, r"x must be \[L, H, D\]"),
+    (
+        "odd head dim",
+        lambda: (torch.randn(4, 2, 7), torch.zeros(4, 1, dtype=torch.int32), [3]),
+        ValueError,
+        "must be even",
+    ),
+    (
+        "head dim too large",
+        lambda: (torch.randn(4, 1, 258), torch.zeros(4, 1, dtype=torch.int32), [129]),
+        ValueError,
+        "must be even and in",
+    ),
+    (
+        "sections do not sum to D/2",
+        lambda: (torch.randn(4, 2, 8), torch.zeros(4, 2, dtype=torch.int32), [2, 3]),
+        ValueError,
+        "must sum to D/2 = 4",
+    ),
+    (
+        "negative section",
+        lambda: (torch.randn(4, 2, 8), torch.zeros(4, 2, dtype=torch.int32), [5, -1]),
+        ValueError,
+        "non-negative",
+    ),
+    (
+        "five axes",
+        lambda: (torch.randn(4, 2, 10), torch.zeros(4, 5, dtype=torch.int32), [1] * 5),
+        ValueError,
+        "1 to 4 axes",
+    ),
+    (
+        "no axis",
+        lambda: (torch.randn(4, 2, 8), torch.zeros(4, 0, dtype=torch.int32), []),
+        ValueError,
+        "1 to 4 axes",
+    ),
+    (
+        "positions rows",
+        lambda: (torch.randn(4, 2, 8), torch.zeros(5, 2, dtype=torch.int32), [2, 2]),
+        ValueError,
+        r"positions must be \[L, A\] = \[4, 2\]",
+    ),
+    (
+        "positions columns",
+        lambda: (torch.randn(4, 2, 8), torch.zeros(4, 3, dtype=torch.int32), [2, 2]),
+        ValueError,
+        r"positions must be \[L, A\]",
+    ),
+    (
+        "positions float",
+        lambda: (torch.randn(4, 2, 8), torch.zeros(4, 2), [2, 2]),
+        TypeError,
+        "int32 or int64",
+    ),
+    (
+        "x integer",
+        lambda: (
+            torch.zeros(4, 2, 8, dtype=torch.int32),
+            torch.zeros(4, 2, dtype=torch.int32),
+            [2, 2],
+        ),
+        TypeError,
+        "float32, float16, bfloat16 or float64",
+    ),
+    (
+        "x two-dimensional",
+        lambda: (torch.randn(4, 8), torch.zeros(4, 2, dtype=torch.int32), [2, 2]),
+        ValueError,
+        r"x must be \[L, H, D\]",
+    ),
 ]
 
 
@@ -230,10 +293,8 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("entry", ["python", "dispatcher"])
 def test_bad_input_is_rejected_clearly(name, make, exc, message, entry):
     x, pos, sections = make()
-    if entry == "python":
-        call = omnivmed_ext.rope_nd
-    else:  # the compiled op's own checks, for callers that bypass the wrapper
-        call = torch.ops.omnivmed.rope_nd.default
+    # "dispatcher": the compiled op's own checks, for callers that bypass the wrapper.
+    call = omnivmed_ext.rope_nd if entry == "python" else torch.ops.omnivmed.rope_nd.default
     with pytest.raises(exc, match=message):
         call(x, pos, sections, 10000.0, False)
 
@@ -269,7 +330,7 @@ def test_empty_inputs():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", LOW_PRECISION + [torch.float64])
+@pytest.mark.parametrize("dtype", [*LOW_PRECISION, torch.float64])
 @pytest.mark.parametrize("head_dim", [2, 8, 64, 72, 80, 96, 128, 256])
 def test_cuda_matches_cpu_kernel(dtype, head_dim):
     # Same math header on both sides: fp32 results agree to a few ulps of the output type.
