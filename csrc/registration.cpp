@@ -7,4 +7,18 @@ TORCH_LIBRARY(omnivmed, m) {
   m.def(
       "rope_nd(Tensor x, Tensor positions, int[] sections, float theta=10000.0, "
       "bool inverse=False) -> Tensor");
+  // Medical-aware token pruning (see csrc/prune/prune_math.h). Returns the keep mask
+  // [F, N], kept flat indices [K], their (t, h, w) positions [K, 3], the new cu_seqlens
+  // [B+1] and the kept values [K, P]; K depends on the data.
+  m.def(
+      "l1_prune(Tensor patches, Tensor cu_frames, int grid_h, int grid_w, float threshold=0.1, "
+      "str mode='previous', int unit=1, int min_keep_per_frame=0) -> "
+      "(Tensor keep, Tensor index, Tensor positions, Tensor cu_seqlens, Tensor values)");
+  // The same, sized to the upper bound K = F*N with the true count as a 0-d tensor on the
+  // input's device: no host synchronisation on a GPU.
+  m.def(
+      "l1_prune_padded(Tensor patches, Tensor cu_frames, int grid_h, int grid_w, "
+      "float threshold=0.1, str mode='previous', int unit=1, int min_keep_per_frame=0) -> "
+      "(Tensor keep, Tensor index, Tensor positions, Tensor cu_seqlens, Tensor values, "
+      "Tensor count)");
 }

@@ -18,7 +18,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 PIP=(.venv/bin/python -m pip install --quiet --progress-bar off)
-"${PIP[@]}" --upgrade pip setuptools wheel ninja
+"${PIP[@]}" --upgrade pip setuptools wheel ninja numpy
 echo "== installing $TORCH_SPEC"
 "${PIP[@]}" "$TORCH_SPEC"
 echo "== building and installing omnivmed (MAX_JOBS=${MAX_JOBS:=2})"

@@ -12,6 +12,15 @@ import omnivmed
 import omnivmed_ext
 
 
+def registered_ops() -> list[str]:
+    namespace = torch.ops.omnivmed
+    return sorted(
+        name
+        for name in dir(namespace)
+        if isinstance(getattr(namespace, name, None), torch._ops.OpOverloadPacket)
+    )
+
+
 def build_report() -> dict:
     return {
         "omnivmed": omnivmed.__version__,
@@ -22,9 +31,7 @@ def build_report() -> dict:
         "built_with_cuda": omnivmed_ext.built_with_cuda(),
         "cuda_archs": list(omnivmed_ext.cuda_archs()),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "ops": sorted(name for name in dir(torch.ops.omnivmed) if not name.startswith("_"))
-        if omnivmed_ext.library_loaded()
-        else [],
+        "ops": registered_ops() if omnivmed_ext.library_loaded() else [],
     }
 
 

@@ -1,0 +1,249 @@
+// CPU kernels of l1_prune: decide per unit (frames in parallel, or items in parallel for
+// mode "last_kept", whose frames depend on each other), then compact the kept patches.
+#include <algorithm>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "l1_prune.h"
+#include "prune_math.h"
+
+namespace omnivmed {
+namespace prune {
+namespace {
+
+struct Geometry {
+  int64_t frames, patches, values, grid_w, unit, units, units_per_row, values_per_unit;
+};
+
+Geometry geometry(const at::Tensor& patches, int64_t grid_h, int64_t grid_w, int64_t unit) {
+  Geometry g;
+  g.frames = patches.size(0);
+  g.patches = patches.size(1);
+  g.values = patches.size(2);
+  g.grid_w = grid_w;
+  g.unit = unit;
+  g.units_per_row = grid_w / unit;
+  g.units = (grid_h / unit) * g.units_per_row;
+  g.values_per_unit = unit * unit * g.values;
+  return g;
+}
+
+// Sum of |frame - reference| over unit u's patches and values.
+template <typename scalar_t>
+typename DiffAcc<scalar_t>::type unit_sum(const scalar_t* frame, const scalar_t* reference,
+                                          int64_t u, const Geometry& g) {
+  using acc_t = typename DiffAcc<scalar_t>::type;
+  acc_t sum = 0;
+  for (int64_t e = 0; e < g.unit * g.unit; ++e) {
+    const int64_t n = unit_patch(u, e, g.unit, g.units_per_row, g.grid_w);
+    const scalar_t* a = frame + n * g.values;
+    const scalar_t* b = reference + n * g.values;
+    for (int64_t p = 0; p < g.values; ++p) sum += abs_diff<scalar_t>(a[p], b[p]);
+  }
+  return sum;
+}
+
+// keep[u] for one frame from its unit sums.
+template <typename acc_t>
+void decide_units(const std::vector<acc_t>& sums, double threshold_count, int64_t min_keep,
+                  std::vector<char>& keep) {
+  const int64_t units = static_cast<int64_t>(sums.size());
+  for (int64_t u = 0; u < units; ++u) {
+    bool k = passes_threshold<acc_t>(sums[u], threshold_count);
+    if (!k && min_keep > 0) {
+      int64_t better = 0;
+      for (int64_t v = 0; v < units && better < min_keep; ++v) {
+        better += outranks<acc_t>(sums[v], v, sums[u], u);
+      }
+      k = better < min_keep;
+    }
+    keep[u] = k;
+  }
+}
+
+void mark_units(const std::vector<char>& unit_keep, const Geometry& g, bool* keep_row,
+                int64_t* count) {
+  int64_t kept = 0;
+  for (int64_t u = 0; u < g.units; ++u) {
+    for (int64_t e = 0; e < g.unit * g.unit; ++e) {
+      keep_row[unit_patch(u, e, g.unit, g.units_per_row, g.grid_w)] = unit_keep[u];
+    }
+    kept += unit_keep[u] ? g.unit * g.unit : 0;
+  }
+  *count = kept;
+}
+
+template <typename scalar_t>
+void decide(const at::Tensor& patches, const std::vector<int64_t>& cu, const Geometry& g,
+            double threshold, Mode mode, int64_t min_keep, bool* keep, int64_t* counts) {
+  using acc_t = typename DiffAcc<scalar_t>::type;
+  const scalar_t* x = patches.const_data_ptr<scalar_t>();
+  const int64_t frame_stride = g.patches * g.values;
+  const double threshold_count = threshold * static_cast<double>(g.values_per_unit);
+  const int64_t items = static_cast<int64_t>(cu.size()) - 1;
+
+  auto keep_whole = [&](int64_t f) {
+    std::fill_n(keep + f * g.patches, g.patches, true);
+    counts[f] = g.patches;
+  };
+
+  if (mode == Mode::kPrevious) {
+    std::vector<char> first(g.frames, 0);
+    for (int64_t b = 0; b < items; ++b) first[cu[b]] = 1;
+    at::parallel_for(0, g.frames, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sums(g.units);
+      std::vector<char> unit_keep(g.units);
+      for (int64_t f = begin; f < end; ++f) {
+        if (first[f]) {
+          keep_whole(f);
+          continue;
+        }
+        for (int64_t u = 0; u < g.units; ++u) {
+          sums[u] = unit_sum<scalar_t>(x + f * frame_stride, x + (f - 1) * frame_stride, u, g);
+        }
+        decide_units<acc_t>(sums, threshold_count, min_keep, unit_keep);
+        mark_units(unit_keep, g, keep + f * g.patches, &counts[f]);
+      }
+    });
+    return;
+  }
+  // last_kept: each unit compares with the frame it was last kept in.
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sums(g.units);
+    std::vector<char> unit_keep(g.units);
+    std::vector<int64_t> reference(g.units);
+    for (int64_t b = begin; b < end; ++b) {
+      keep_whole(cu[b]);
+      std::fill(reference.begin(), reference.end(), cu[b]);
+      for (int64_t f = cu[b] + 1; f < cu[b + 1]; ++f) {
+        for (int64_t u = 0; u < g.units; ++u) {
+          sums[u] = unit_sum<scalar_t>(x + f * frame_stride, x + reference[u] * frame_stride, u, g);
+        }
+        decide_units<acc_t>(sums, threshold_count, min_keep, unit_keep);
+        mark_units(unit_keep, g, keep + f * g.patches, &counts[f]);
+        for (int64_t u = 0; u < g.units; ++u) {
+          if (unit_keep[u]) reference[u] = f;
+        }
+      }
+    }
+  });
+}
+
+// Writes the kept patches' index, positions and values, in original order, from row 0.
+template <typename scalar_t>
+void compact(const at::Tensor& patches, const std::vector<int64_t>& cu, const Geometry& g,
+             const bool* keep, const std::vector<int64_t>& offsets, int64_t* index,
+             int32_t* positions, scalar_t* values) {
+  const scalar_t* x = patches.const_data_ptr<scalar_t>();
+  std::vector<int64_t> item_start(g.frames);
+  for (size_t b = 0; b + 1 < cu.size(); ++b) {
+    std::fill(item_start.begin() + cu[b], item_start.begin() + cu[b + 1], cu[b]);
+  }
+  at::parallel_for(0, g.frames, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t f = begin; f < end; ++f) {
+      int64_t row = offsets[f];
+      for (int64_t n = 0; n < g.patches; ++n) {
+        if (!keep[f * g.patches + n]) continue;
+        index[row] = f * g.patches + n;
+        positions[3 * row + 0] = static_cast<int32_t>(f - item_start[f]);
+        positions[3 * row + 1] = static_cast<int32_t>(n / g.grid_w);
+        positions[3 * row + 2] = static_cast<int32_t>(n % g.grid_w);
+        std::copy_n(x + (f * g.patches + n) * g.values, g.values, values + row * g.values);
+        ++row;
+      }
+    }
+  });
+}
+
+struct Decision {
+  at::Tensor keep;
+  std::vector<int64_t> cu, offsets;  // offsets: kept rows before each frame, F+1 entries
+  Geometry g;
+};
+
+Decision run_decide(const at::Tensor& patches, const at::Tensor& cu_frames, int64_t grid_h,
+                    int64_t grid_w, double threshold, const std::string& mode, int64_t unit,
+                    int64_t min_keep) {
+  const Mode m = static_cast<Mode>(
+      check_l1_prune_args(patches, cu_frames, grid_h, grid_w, threshold, mode, unit, min_keep));
+  TORCH_CHECK(patches.device().is_cpu(), "l1_prune_cpu: expected CPU tensors");
+  check_cu_frames_values(cu_frames, patches.size(0));
+  Decision d;
+  d.g = geometry(patches, grid_h, grid_w, unit);
+  const at::Tensor cu64 = cu_frames.to(at::kLong).contiguous();
+  d.cu.assign(cu64.const_data_ptr<int64_t>(), cu64.const_data_ptr<int64_t>() + cu64.numel());
+  d.keep = at::empty({d.g.frames, d.g.patches}, patches.options().dtype(at::kBool));
+  std::vector<int64_t> counts(d.g.frames);
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, patches.scalar_type(),
+                                  "l1_prune_cpu", [&] {
+    decide<scalar_t>(patches, d.cu, d.g, threshold, m, min_keep, d.keep.data_ptr<bool>(),
+                     counts.data());
+  });
+  d.offsets.assign(d.g.frames + 1, 0);
+  for (int64_t f = 0; f < d.g.frames; ++f) d.offsets[f + 1] = d.offsets[f] + counts[f];
+  return d;
+}
+
+at::Tensor new_cu_seqlens(const Decision& d, const at::TensorOptions& options) {
+  at::Tensor cu = at::empty({static_cast<int64_t>(d.cu.size())}, options.dtype(at::kInt));
+  int32_t* out = cu.data_ptr<int32_t>();
+  for (size_t b = 0; b < d.cu.size(); ++b) out[b] = static_cast<int32_t>(d.offsets[d.cu[b]]);
+  return cu;
+}
+
+// Fills rows [0, total) of the given outputs.
+void fill_rows(const at::Tensor& patches, const Decision& d, at::Tensor& index,
+               at::Tensor& positions, at::Tensor& values) {
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, patches.scalar_type(),
+                                  "l1_prune_cpu_compact", [&] {
+    compact<scalar_t>(patches, d.cu, d.g, d.keep.const_data_ptr<bool>(), d.offsets,
+                      index.data_ptr<int64_t>(), positions.data_ptr<int32_t>(),
+                      values.data_ptr<scalar_t>());
+  });
+}
+
+}  // namespace
+
+PruneOutputs l1_prune_cpu(const at::Tensor& patches_in, const at::Tensor& cu_frames,
+                          int64_t grid_h, int64_t grid_w, double threshold, std::string mode,
+                          int64_t unit, int64_t min_keep_per_frame) {
+  const at::Tensor patches = patches_in.contiguous();
+  const Decision d = run_decide(patches, cu_frames, grid_h, grid_w, threshold, mode, unit,
+                                min_keep_per_frame);
+  const int64_t total = d.offsets.back();
+  at::Tensor index = at::empty({total}, patches.options().dtype(at::kLong));
+  at::Tensor positions = at::empty({total, 3}, patches.options().dtype(at::kInt));
+  at::Tensor values = at::empty({total, d.g.values}, patches.options());
+  fill_rows(patches, d, index, positions, values);
+  return {d.keep, index, positions, new_cu_seqlens(d, patches.options()), values};
+}
+
+PaddedPruneOutputs l1_prune_padded_cpu(const at::Tensor& patches_in, const at::Tensor& cu_frames,
+                                       int64_t grid_h, int64_t grid_w, double threshold,
+                                       std::string mode, int64_t unit,
+                                       int64_t min_keep_per_frame) {
+  const at::Tensor patches = patches_in.contiguous();
+  const Decision d = run_decide(patches, cu_frames, grid_h, grid_w, threshold, mode, unit,
+                                min_keep_per_frame);
+  const int64_t rows = d.g.frames * d.g.patches;
+  const int64_t total = d.offsets.back();
+  // Rows past the true count: index and positions -1, values 0.
+  at::Tensor index = at::full({rows}, -1, patches.options().dtype(at::kLong));
+  at::Tensor positions = at::full({rows, 3}, -1, patches.options().dtype(at::kInt));
+  at::Tensor values = at::zeros({rows, d.g.values}, patches.options());
+  fill_rows(patches, d, index, positions, values);
+  at::Tensor count = at::full({}, total, patches.options().dtype(at::kLong));
+  return {d.keep, index, positions, new_cu_seqlens(d, patches.options()), values, count};
+}
+
+TORCH_LIBRARY_IMPL(omnivmed, CPU, m) {
+  m.impl("l1_prune", &l1_prune_cpu);
+  m.impl("l1_prune_padded", &l1_prune_padded_cpu);
+}
+
+}  // namespace prune
+}  // namespace omnivmed
