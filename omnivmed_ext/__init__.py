@@ -5,6 +5,8 @@ give clear errors):
 
 - :func:`rope_nd`: multi-axis rotary position embedding over (t, h, w), forward and
   backward.
+- :func:`l1_prune` / :func:`l1_prune_padded`: medical-aware token pruning of repeated
+  slices and frames, with compaction (the padded form never synchronises with a GPU).
 
 Pure-PyTorch references live in :mod:`omnivmed_ext.reference`; position helpers in
 :mod:`omnivmed_ext.positions`.
@@ -21,17 +23,22 @@ from .positions import (
     lengths_from_cu_seqlens,
     packed_positions,
 )
+from .prune import PaddedPruneResult, PruneResult, l1_prune, l1_prune_padded
 from .rope import rope_nd
 
 __all__ = [
     "ItemGrid",
     "PackedPositions",
+    "PaddedPruneResult",
+    "PruneResult",
     "built_with_cuda",
     "check_cu_seqlens",
     "cu_seqlens_from_lengths",
     "cuda_archs",
     "frame_positions",
     "grid_positions",
+    "l1_prune",
+    "l1_prune_padded",
     "lengths_from_cu_seqlens",
     "library_loaded",
     "packed_positions",

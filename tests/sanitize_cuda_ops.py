@@ -28,8 +28,41 @@ def rope_cases():
                 yield dtype, head_dim, sections, length, heads
 
 
-def main() -> int:
+def prune_cases():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.uint8):
+        for mode in ("previous", "last_kept"):
+            for unit, grid, min_keep in ((1, (5, 7), 0), (2, (6, 4), 2), (1, (1, 1), 1)):
+                yield dtype, mode, unit, grid, min_keep
+
+
+def check_prune() -> int:
     failures = 0
+    for dtype, mode, unit, grid, min_keep in prune_cases():
+        n = grid[0] * grid[1]
+        frames = torch.rand(9, n, 13)
+        frames[3] = frames[2]
+        frames[6:] = frames[5] + 0.01 * torch.rand(3, n, 13)
+        if dtype == torch.uint8:
+            patches = (frames * 255).to(torch.uint8)
+            threshold = 10.0
+        else:
+            patches = frames.to(dtype)
+            threshold = 0.1
+        cu = torch.tensor([0, 1, 5, 9], dtype=torch.int32)
+        cpu = omnivmed_ext.l1_prune_padded(patches, cu, grid, threshold, mode, unit, min_keep)
+        gpu = omnivmed_ext.l1_prune_padded(
+            patches.cuda(), cu.cuda(), grid, threshold, mode, unit, min_keep
+        )
+        torch.cuda.synchronize()
+        for name, a, b in zip(cpu._fields, cpu, gpu, strict=True):
+            if not torch.equal(a, b.cpu()):
+                failures += 1
+                print(f"MISMATCH l1_prune {name} {dtype} {mode} unit={unit} grid={grid}")
+    return failures
+
+
+def main() -> int:
+    failures = check_prune()
     for dtype, head_dim, sections, length, heads in rope_cases():
         # The offset view makes the start misaligned, exercising the narrow vector widths.
         for offset in (0, 1):
