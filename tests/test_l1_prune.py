@@ -14,7 +14,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.uint8]
 
 
 def make_items(
-    frames_per_item, grid, values, dtype, device, *, noise=0.01, change=1.0, changed_fraction=0.5
+    frames_per_item, grid, values, dtype, device, *, noise=0.01, change=4.0, changed_fraction=0.5
 ):
     """Frames whose successive differences sit far from the test thresholds: exact
     repeats, tiny noise (mean |diff| about `noise`), and patches replaced outright (mean
@@ -23,18 +23,25 @@ def make_items(
     n = grid_h * grid_w
     frames = []
     for count in frames_per_item:
-        frame = torch.rand(n, values) * 2 - 1
+        # Noise is drawn around the last real content (`anchor`), never on top of earlier
+        # noise, so no drift can build up towards the threshold in mode "last_kept".
+        anchor = frame = torch.rand(n, values) * 2 - 1
         frames.append(frame)
         for f in range(1, count):
             kind = f % 3
             if kind == 0:  # an exact repeat
                 frame = frame.clone()
             elif kind == 1:  # tiny noise everywhere
-                frame = frame + noise * (torch.rand_like(frame) * 2 - 1)
+                frame = anchor + noise * (torch.rand_like(anchor) * 2 - 1)
             else:  # some patches replaced by new content
-                frame = frame.clone()
+                frame = anchor.clone()
                 replaced = torch.rand(n) < changed_fraction
-                frame[replaced] = torch.rand(int(replaced.sum()), values) * 2 - 1 + change
+                # Shift by `change` (down if shifted before): every value moves by it.
+                shift = torch.where(
+                    anchor[replaced].mean(1, keepdim=True) > change / 2, -change, change
+                )
+                frame[replaced] = anchor[replaced] + shift
+                anchor = frame
             frames.append(frame)
     x = torch.stack(frames)
     if dtype == torch.uint8:
