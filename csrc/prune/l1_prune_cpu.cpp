@@ -178,7 +178,7 @@ Decision run_decide(const at::Tensor& patches, const at::Tensor& cu_frames, int6
   d.cu.assign(cu64.const_data_ptr<int64_t>(), cu64.const_data_ptr<int64_t>() + cu64.numel());
   d.keep = at::empty({d.g.frames, d.g.patches}, patches.options().dtype(at::kBool));
   std::vector<int64_t> counts(d.g.frames);
-  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, patches.scalar_type(),
+  OMNIVMED_DISPATCH_PRUNE_TYPES(patches.scalar_type(),
                                   "l1_prune_cpu", [&] {
     decide<scalar_t>(patches, d.cu, d.g, threshold, m, min_keep, d.keep.data_ptr<bool>(),
                      counts.data());
@@ -198,7 +198,7 @@ at::Tensor new_cu_seqlens(const Decision& d, const at::TensorOptions& options) {
 // Fills rows [0, total) of the given outputs.
 void fill_rows(const at::Tensor& patches, const Decision& d, at::Tensor& index,
                at::Tensor& positions, at::Tensor& values) {
-  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, patches.scalar_type(),
+  OMNIVMED_DISPATCH_PRUNE_TYPES(patches.scalar_type(),
                                   "l1_prune_cpu_compact", [&] {
     compact<scalar_t>(patches, d.cu, d.g, d.keep.const_data_ptr<bool>(), d.offsets,
                       index.data_ptr<int64_t>(), positions.data_ptr<int32_t>(),

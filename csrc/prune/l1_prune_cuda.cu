@@ -286,7 +286,7 @@ PaddedPruneOutputs l1_prune_padded_cuda(const at::Tensor& patches_in, const at::
   const int64_t scratch_rows = m == Mode::kPrevious ? g.frames : g.items;
   at::Tensor scratch = at::empty({scratch_rows, g.units}, opts.dtype(is_byte ? at::kLong : at::kFloat));
 
-  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, patches.scalar_type(),
+  OMNIVMED_DISPATCH_PRUNE_TYPES(patches.scalar_type(),
                                   "l1_prune_cuda", [&] {
     using acc_t = typename DiffAcc<scalar_t>::type;
     const scalar_t* x = patches.const_data_ptr<scalar_t>();

@@ -58,3 +58,10 @@ OMNIVMED_HD int64_t unit_patch(int64_t u, int64_t e, int64_t unit, int64_t units
 
 }  // namespace prune
 }  // namespace omnivmed
+
+// The dtypes l1_prune accepts (the checks reject the rest), so no other kernels are built.
+#define OMNIVMED_DISPATCH_PRUNE_TYPES(TYPE, NAME, ...)              \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)              \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)          \
+                     AT_DISPATCH_CASE(at::kByte, __VA_ARGS__))
