@@ -1,0 +1,77 @@
+"""Variable-length rotary attention over packed items.
+
+Uses `omnivmed_ext.rope_attention` when the compiled library provides it; otherwise
+`rope_nd` on q and k, then PyTorch's scaled dot-product attention per item (or one call
+with a block-diagonal mask when the pack is small).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+import torch
+import torch.nn.functional as F
+
+import omnivmed_ext
+
+_BLOCK_MASK_LIMIT = 4096  # total tokens up to which one masked SDPA call is cheaper
+
+
+def varlen_rotary_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    sections: Sequence[int],
+    theta: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """q, k, v `[L, H, D]`; bidirectional attention inside each item of `cu_seqlens`."""
+    fused = getattr(omnivmed_ext, "rope_attention", None)
+    if fused is not None and dropout_p == 0.0:
+        return fused(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta)
+    q = omnivmed_ext.rope_nd(q, positions, sections, theta)
+    k = omnivmed_ext.rope_nd(k, positions, sections, theta)
+    total = q.shape[0]
+    bounds = cu_seqlens.tolist()
+    if len(bounds) == 2:
+        return _sdpa(q, k, v, None, dropout_p)
+    if total <= _BLOCK_MASK_LIMIT:
+        item = torch.repeat_interleave(
+            torch.arange(len(bounds) - 1, device=q.device),
+            torch.diff(cu_seqlens.to(q.device).long()),
+            output_size=total,
+        )
+        mask = item[:, None] == item[None, :]
+        return _sdpa(q, k, v, mask, dropout_p)
+    outs = [_sdpa(q[a:b], k[a:b], v[a:b], None, dropout_p) for a, b in pairwise(bounds)]
+    return torch.cat(outs, dim=0)
+
+
+def _sdpa(q, k, v, mask, dropout_p):
+    # [L, H, D] -> [1, H, L, D]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask,
+        dropout_p=dropout_p,
+    )
+    return out.squeeze(0).transpose(0, 1)
+
+
+def frame_cu_seqlens(positions: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Split every item of a pack into its frames (runs of equal t): the attention scope
+    "frame" attends within one slice or frame only."""
+    total = positions.shape[0]
+    if total == 0:
+        return cu_seqlens
+    starts = torch.zeros(total, dtype=torch.bool, device=positions.device)
+    starts[0] = True
+    starts[1:] = positions[1:, 0] != positions[:-1, 0]
+    starts[cu_seqlens[:-1].long().clamp(max=total - 1)] = True
+    idx = starts.nonzero().squeeze(1)
+    return torch.cat((idx, idx.new_tensor([total]))).to(torch.int32)

@@ -1,0 +1,129 @@
+"""Connectors: visual features -> LLM embeddings.
+
+Every connector maps packed features `[L, Dv]` with their positions `[L, 3]` and items'
+`cu_seqlens` to packed tokens `[L', Dt]` and the items' new `cu_seqlens`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .registry import CONNECTORS
+
+
+def _lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    return torch.diff(cu_seqlens.long())
+
+
+@CONNECTORS.register("mlp")
+class MLPConnector(nn.Module):
+    """LLaVA-1.5's projector: Linear, GELU, Linear. One token per visual feature."""
+
+    def __init__(self, vision_dim: int, text_dim: int, **_: object) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_dim, text_dim)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(text_dim, text_dim)
+
+    def forward(self, features, positions, cu_seqlens):
+        return self.linear_2(self.act(self.linear_1(features))), cu_seqlens
+
+    @staticmethod
+    def output_length(length: int) -> int:
+        return length
+
+
+@CONNECTORS.register("merge_mlp")
+class MergeMLPConnector(nn.Module):
+    """2x2 spatial merge (as in Qwen2-VL): the four features of each 2x2 block of one
+    frame are concatenated, then a 2-layer MLP maps them to one LLM token. Blocks are found
+    from the positions, so pruned inputs work as long as whole 2x2 blocks were kept
+    (prune with unit=2)."""
+
+    def __init__(
+        self, vision_dim: int, text_dim: int, layer_norm_eps: float = 1e-6, **_: object
+    ) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(vision_dim, eps=layer_norm_eps)
+        self.linear_1 = nn.Linear(4 * vision_dim, 4 * vision_dim)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(4 * vision_dim, text_dim)
+
+    def forward(self, features, positions, cu_seqlens):
+        lengths = _lengths(cu_seqlens)
+        item = torch.repeat_interleave(
+            torch.arange(lengths.numel(), device=features.device), lengths.to(features.device)
+        )
+        pos = positions.long()
+        t, h2, w2 = pos[:, 0], pos[:, 1] // 2, pos[:, 2] // 2
+        t_span, h_span, w_span = (int(v.max()) + 1 for v in (t, h2, w2))
+        key = ((item * t_span + t) * h_span + h2) * w_span + w2
+        order = torch.argsort(key, stable=True)  # stable: the block's raster order is kept
+        _, counts = torch.unique_consecutive(key[order], return_counts=True)
+        if (counts != 4).any():
+            raise ValueError(
+                "merge_mlp connector: every 2x2 block of patches must be complete, but "
+                f"{int((counts != 4).sum())} blocks have {sorted(set(counts.tolist()) - {4})} "
+                "patches; use even grids and prune with unit=2"
+            )
+        merged = self.norm(features)[order].reshape(-1, 4 * features.shape[-1])
+        new_lengths = lengths // 4
+        new_cu = torch.zeros_like(cu_seqlens)
+        new_cu[1:] = torch.cumsum(new_lengths, 0).to(cu_seqlens.dtype)
+        return self.linear_2(self.act(self.linear_1(merged))), new_cu
+
+    @staticmethod
+    def output_length(length: int) -> int:
+        if length % 4:
+            raise ValueError(f"merge_mlp connector: {length} tokens are not whole 2x2 blocks")
+        return length // 4
+
+
+@CONNECTORS.register("resampler")
+class ResamplerConnector(nn.Module):
+    """Cross-attention resampler: `num_queries` learned queries attend over each item's
+    features, giving a fixed number of tokens per item whatever its size."""
+
+    def __init__(
+        self,
+        vision_dim: int,
+        text_dim: int,
+        num_queries: int = 64,
+        num_heads: int | None = None,
+        **_: object,
+    ) -> None:
+        super().__init__()
+        heads = num_heads or max(1, vision_dim // 64)
+        while vision_dim % heads:
+            heads -= 1
+        self.num_queries = num_queries
+        self.queries = nn.Parameter(torch.randn(num_queries, vision_dim) * vision_dim**-0.5)
+        self.norm_kv = nn.LayerNorm(vision_dim)
+        self.attn = nn.MultiheadAttention(vision_dim, heads, batch_first=True)
+        self.norm_out = nn.LayerNorm(vision_dim)
+        self.proj = nn.Linear(vision_dim, text_dim)
+
+    def forward(self, features, positions, cu_seqlens):
+        lengths = _lengths(cu_seqlens)
+        items = lengths.numel()
+        longest = int(lengths.max()) if items else 0
+        padded = features.new_zeros(items, longest, features.shape[-1])
+        pad_mask = torch.ones(items, longest, dtype=torch.bool, device=features.device)
+        for i, (a, b) in enumerate(
+            zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True)
+        ):
+            padded[i, : b - a] = features[a:b]
+            pad_mask[i, : b - a] = False
+        kv = self.norm_kv(padded)
+        queries = self.queries.unsqueeze(0).expand(items, -1, -1)
+        out, _ = self.attn(queries, kv, kv, key_padding_mask=pad_mask, need_weights=False)
+        out = self.proj(self.norm_out(out)).reshape(items * self.num_queries, -1)
+        new_cu = (
+            torch.arange(items + 1, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+            * self.num_queries
+        )
+        return out, new_cu
+
+    def output_length(self, length: int) -> int:
+        return self.num_queries

@@ -1,0 +1,259 @@
+"""OmniVMedForConditionalGeneration: vision tower -> connector -> causal LM.
+
+Visual inputs travel packed. For a batch holding I visual items (images, videos,
+volumes), in the order their placeholders appear in the prompts:
+
+- `pixel_values` `[L, P]`: the kept patches of every item the vision tower sees,
+  concatenated; `visual_positions` `[L, 3]` their (t, h, w);
+- `visual_cu_seqlens` int32 `[I+1]`: where each item's patches start in `pixel_values`
+  (an item encoded by the 3D encoder has none);
+- `visual_kinds` `[I]` (`VisualKind`) and `visual_grids` `[I, 3]` (frames, grid_h, grid_w
+  before pruning);
+- `volumes` `[V, C, D, H, W]`: the volumes for the "encoder3d" strategy, in item order.
+
+Each item becomes `visual_token_count(...)` LLM tokens, which replace as many
+`config.image_token` placeholders, in order.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .attention import frame_cu_seqlens
+from .configuration import OmniVMedConfig
+from .encoder3d import Encoder3D
+from .registry import CONNECTORS
+from .token_counts import VisualKind
+from .vision import RotaryVisionTower
+from .volume import SliceAttentionCompressor, slice_average
+
+
+class OmniVMedPreTrainedModel(PreTrainedModel):
+    config_class = OmniVMedConfig
+    base_model_prefix = "omnivmed"
+    supports_gradient_checkpointing = True
+    _no_split_modules: ClassVar[list[str]] = ["VisionLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+
+class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin):
+    def __init__(self, config: OmniVMedConfig) -> None:
+        super().__init__(config)
+        vision_dim = config.vision_config.hidden_size
+        text_dim = config.text_config.hidden_size
+        if config.connector == "merge_mlp" and config.volume_strategy in (
+            "slice_attn",
+            "encoder3d",
+        ):
+            raise ValueError(
+                f"connector 'merge_mlp' needs patch grids, but volume_strategy "
+                f"{config.volume_strategy!r} produces compressed tokens; use 'mlp' or 'resampler'"
+            )
+        self.vision_tower = RotaryVisionTower(config.vision_config)
+        self.connector = CONNECTORS.get(config.connector)(
+            vision_dim,
+            text_dim,
+            num_queries=config.connector_queries,
+            layer_norm_eps=config.vision_config.layer_norm_eps,
+        )
+        self.slice_compressor = (
+            SliceAttentionCompressor(vision_dim, config.volume_tokens)
+            if config.volume_strategy == "slice_attn"
+            else None
+        )
+        self.encoder3d = None
+        if config.volume_strategy == "encoder3d":
+            if config.encoder3d_config.hidden_size != vision_dim:
+                raise ValueError(
+                    f"encoder3d hidden_size {config.encoder3d_config.hidden_size} must equal the "
+                    f"vision tower's {vision_dim} (they share the connector)"
+                )
+            self.encoder3d = Encoder3D(config.encoder3d_config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # ---- embeddings: the LLM's ---------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    # ---- visual encoding ---------------------------------------------------------------
+    def encode_visual(
+        self,
+        pixel_values: torch.Tensor | None,
+        visual_positions: torch.Tensor | None,
+        visual_cu_seqlens: torch.Tensor,
+        visual_kinds: torch.Tensor,
+        visual_grids: torch.Tensor,
+        volumes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """LLM-space tokens `[T, text_hidden]` of every visual item, in item order."""
+        config = self.config
+        kinds = [VisualKind(int(k)) for k in visual_kinds.tolist()]
+        grids = visual_grids.tolist()
+        bounds = visual_cu_seqlens.tolist()
+        if len(bounds) != len(kinds) + 1 or len(grids) != len(kinds):
+            raise ValueError(
+                f"visual inputs disagree: {len(kinds)} kinds, {len(grids)} grids, "
+                f"{len(bounds) - 1} items in visual_cu_seqlens"
+            )
+        slice_wise = config.volume_strategy in ("slice_avg", "slice_attn")
+        by_3d = config.volume_strategy == "encoder3d"
+
+        tower_out = None
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            cu = visual_cu_seqlens.to(pixel_values.device)
+            if slice_wise and VisualKind.VOLUME in kinds:
+                # A slice-wise 2D encoder: volumes attend within one slice at a time.
+                cu = _split_volume_items_into_slices(visual_positions, cu, kinds)
+            tower_out = self.vision_tower(pixel_values, visual_positions, cu)
+
+        features, positions = [], []
+        volume_index = 0
+        for i, kind in enumerate(kinds):
+            a, b = bounds[i], bounds[i + 1]
+            frames, grid_h, grid_w = grids[i]
+            if kind == VisualKind.VOLUME and by_3d:
+                if volumes is None or volume_index >= volumes.shape[0]:
+                    raise ValueError(
+                        "volume_strategy 'encoder3d' needs one `volumes` entry per volume item"
+                    )
+                feats = self.encoder3d(volumes[volume_index : volume_index + 1])[0]
+                volume_index += 1
+                pos = torch.zeros(feats.shape[0], 3, dtype=torch.int32, device=feats.device)
+            elif tower_out is None or b <= a:
+                raise ValueError(
+                    f"visual item {i} ({kind.name.lower()}) has no patches in pixel_values"
+                )
+            elif kind == VisualKind.VOLUME and config.volume_strategy == "slice_avg":
+                feats = slice_average(tower_out[a:b], frames, grid_h, grid_w)
+                pos = visual_positions[a : a + grid_h * grid_w].clone()
+            elif kind == VisualKind.VOLUME and config.volume_strategy == "slice_attn":
+                feats = self.slice_compressor(tower_out[a:b])
+                pos = torch.zeros(feats.shape[0], 3, dtype=torch.int32, device=feats.device)
+            else:
+                feats, pos = tower_out[a:b], visual_positions[a:b]
+            features.append(feats)
+            positions.append(pos.to(feats.device))
+        lengths = torch.tensor([f.shape[0] for f in features], device=features[0].device)
+        cu = torch.zeros(len(features) + 1, dtype=torch.int32, device=lengths.device)
+        cu[1:] = torch.cumsum(lengths, 0)
+        tokens, _ = self.connector(torch.cat(features), torch.cat(positions), cu)
+        return tokens
+
+    # ---- forward -----------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        visual_positions: torch.Tensor | None = None,
+        visual_cu_seqlens: torch.Tensor | None = None,
+        visual_kinds: torch.Tensor | None = None,
+        visual_grids: torch.Tensor | None = None,
+        volumes: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_with_visual(
+                input_ids, pixel_values, visual_positions, visual_cu_seqlens, visual_kinds,
+                visual_grids, volumes, prefill=_is_prefill(past_key_values),
+            )  # fmt: skip
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def embed_with_visual(
+        self, input_ids, pixel_values, visual_positions, visual_cu_seqlens, visual_kinds,
+        visual_grids, volumes=None, prefill: bool = True,
+    ) -> torch.Tensor:  # fmt: skip
+        """Token embeddings of `input_ids` with every placeholder replaced, in order, by
+        the visual tokens. Decode steps (no placeholders, a filled cache) skip the vision
+        side."""
+        embeds = self.get_input_embeddings()(input_ids)
+        has_visual = pixel_values is not None or volumes is not None
+        placeholder = input_ids == self.config.image_token_id
+        count = int(placeholder.sum())
+        if not prefill and count == 0:
+            return embeds
+        if not has_visual:
+            if count and prefill:
+                raise ValueError(
+                    f"the prompt has {count} image placeholder tokens but no visual inputs were given"
+                )
+            return embeds
+        if visual_cu_seqlens is None or visual_kinds is None or visual_grids is None:
+            raise ValueError("visual inputs need visual_cu_seqlens, visual_kinds and visual_grids")
+        visual = self.encode_visual(
+            pixel_values, visual_positions, visual_cu_seqlens, visual_kinds, visual_grids, volumes
+        )
+        if visual.shape[0] != count:
+            raise ValueError(
+                f"the prompt has {count} image placeholder tokens but the visual inputs give "
+                f"{visual.shape[0]} visual tokens"
+            )
+        return embeds.masked_scatter(placeholder.unsqueeze(-1), visual.to(embeds.dtype))
+
+
+def _is_prefill(past_key_values) -> bool:
+    if past_key_values is None:
+        return True
+    get_length = getattr(past_key_values, "get_seq_length", None)
+    return get_length is None or get_length() == 0
+
+
+def _split_volume_items_into_slices(positions, cu_seqlens, kinds) -> torch.Tensor:
+    """Item boundaries where every volume item is cut at its slice boundaries."""
+    per_frame = frame_cu_seqlens(positions, cu_seqlens).tolist()
+    bounds = cu_seqlens.tolist()
+    out = [0]
+    for i, kind in enumerate(kinds):
+        a, b = bounds[i], bounds[i + 1]
+        if kind == VisualKind.VOLUME:
+            out += [x for x in per_frame if a < x <= b]
+        elif b > a:
+            out.append(b)
+    return torch.tensor(out, dtype=torch.int32, device=cu_seqlens.device)
