@@ -120,6 +120,9 @@ class RotaryVisionTower(nn.Module):
         return self.post_layernorm(hidden)
 
 
+_VISION_ROOTS = ("embeddings", "encoder", "post_layernorm", "head")
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -152,13 +155,17 @@ def load_siglip_weights(
     if not path.is_dir():
         raise FileNotFoundError(f"SigLIP checkpoint directory {path} does not exist")
     state = _read_state_dict(path)
+    has_text_tower = any(k.startswith("text_model.") or ".text_model." in k for k in state)
     ours = tower.state_dict()
     loaded, skipped, new_state = [], [], {}
     for key, value in state.items():
-        if "vision_model." not in key:
+        if "vision_model." in key:  # a full SiglipModel, or a checkpoint saved with a prefix
+            name = key.split("vision_model.", 1)[1]
+        elif key.split(".", 1)[0] in _VISION_ROOTS and not has_text_tower:  # a SiglipVisionModel
+            name = key
+        else:
             skipped.append(key)
             continue
-        name = key.split("vision_model.", 1)[1]
         if name.startswith("embeddings.patch_embedding."):
             target = name.replace("embeddings.patch_embedding.", "patch_embedding.")
             if target.endswith("weight") and value.dim() == 4:

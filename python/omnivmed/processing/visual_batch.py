@@ -1,0 +1,120 @@
+"""Packing visual items (already read and normalized) into the model's visual inputs:
+patchify, prune slices and frames, count each item's LLM tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import omnivmed_ext
+
+from ..models.configuration import OmniVMedConfig
+from ..models.token_counts import VisualKind, visual_token_count
+from .patchify import patchify
+
+
+@dataclass
+class VisualItem:
+    """One image (`[1, C, H, W]`), video (`[F, C, H, W]`) or volume (`[S, C, H, W]`
+    slices), with H and W multiples of the patch size. `volume3d` is the fixed-size
+    `[C, D, H, W]` volume for the "encoder3d" strategy."""
+
+    kind: VisualKind
+    frames: torch.Tensor | None = None
+    volume3d: torch.Tensor | None = None
+
+
+@dataclass
+class VisualBatch:
+    pixel_values: torch.Tensor
+    visual_positions: torch.Tensor
+    visual_cu_seqlens: torch.Tensor
+    visual_kinds: torch.Tensor
+    visual_grids: torch.Tensor
+    volumes: torch.Tensor | None
+    token_counts: list[int] = field(default_factory=list)
+    unpruned_counts: list[int] = field(default_factory=list)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        out = {
+            "pixel_values": self.pixel_values,
+            "visual_positions": self.visual_positions,
+            "visual_cu_seqlens": self.visual_cu_seqlens,
+            "visual_kinds": self.visual_kinds,
+            "visual_grids": self.visual_grids,
+        }
+        if self.volumes is not None:
+            out["volumes"] = self.volumes
+        return out
+
+
+def pack_visual_items(
+    items: list[VisualItem],
+    config: OmniVMedConfig,
+    prune: bool = True,
+    threshold: float | None = None,
+) -> VisualBatch:
+    """Patchify every item, prune slices/frames (rotary strategy and videos, when `prune`),
+    and pack them in order. `token_counts[i]` is how many placeholders item i needs."""
+    ps = config.vision_config.patch_size
+    threshold = config.prune_threshold if threshold is None else threshold
+    values, positions, lengths, kinds, grids, volumes, counts, unpruned = (
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+    )
+    for item in items:
+        kind = VisualKind(int(item.kind))
+        kinds.append(int(kind))
+        if kind == VisualKind.VOLUME and config.volume_strategy == "encoder3d":
+            if item.volume3d is None:
+                raise ValueError("volume_strategy 'encoder3d' needs VisualItem.volume3d")
+            volumes.append(item.volume3d)
+            grids.append([1, 1, 1])
+            lengths.append(0)
+            n = visual_token_count(config, kind, 1, 1, 1)
+            counts.append(n)
+            unpruned.append(n)
+            continue
+        patches = patchify(item.frames, ps)
+        f, n, p = patches.shape
+        gh, gw = item.frames.shape[2] // ps, item.frames.shape[3] // ps
+        grids.append([f, gh, gw])
+        may_prune = (
+            prune
+            and threshold > 0
+            and f > 1
+            and (kind == VisualKind.VIDEO or config.volume_strategy == "rotary")
+        )
+        if may_prune:
+            kept = omnivmed_ext.l1_prune(
+                patches, torch.tensor([0, f], dtype=torch.int32), (gh, gw), threshold,
+                config.prune_mode, config.prune_unit,
+            )  # fmt: skip
+            values.append(kept.values)
+            positions.append(kept.positions)
+        else:
+            values.append(patches.reshape(f * n, p))
+            positions.append(omnivmed_ext.frame_positions(f, gh, gw))
+        lengths.append(values[-1].shape[0])
+        counts.append(visual_token_count(config, kind, f, gh, gw, kept=lengths[-1]))
+        unpruned.append(visual_token_count(config, kind, f, gh, gw))
+    p = config.vision_config.patch_values
+    return VisualBatch(
+        pixel_values=torch.cat(values) if values else torch.zeros(0, p),
+        visual_positions=torch.cat(positions)
+        if positions
+        else torch.zeros(0, 3, dtype=torch.int32),
+        visual_cu_seqlens=omnivmed_ext.cu_seqlens_from_lengths(lengths),
+        visual_kinds=torch.tensor(kinds, dtype=torch.int64),
+        visual_grids=torch.tensor(grids, dtype=torch.int64),
+        volumes=torch.stack(volumes) if volumes else None,
+        token_counts=counts,
+        unpruned_counts=unpruned,
+    )
