@@ -319,7 +319,7 @@ def test_volume_strategies(strategy):
 
 
 def test_unknown_preset_lists_known_ones():
-    with pytest.raises(ValueError, match="known presets: .*omnivmed-1.5b"):
+    with pytest.raises(ValueError, match=r"known presets: .*omnivmed-1\.5b"):
         build_preset("omnivmed-3b")
 
 
