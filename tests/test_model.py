@@ -11,6 +11,7 @@ from transformers import (
     SiglipModel,
     SiglipVisionConfig,
     SiglipVisionModel,
+    ViTConfig,
 )
 
 import omnivmed
@@ -74,6 +75,17 @@ def test_vision_config_rejects_bad_sections_and_scope():
         OmniVMedVisionConfig(**TINY_VISION, rope_sections=[1, 2, 3])
     with pytest.raises(ValueError, match="attention_scope"):
         OmniVMedVisionConfig(**TINY_VISION, attention_scope="global")
+
+
+def test_registries_reject_unknown_encoders_and_llms():
+    with pytest.raises(
+        ValueError,
+        match="unknown vision encoder 'clip'; known vision encoders: encoder3d, rotary_siglip",
+    ):
+        OmniVMedConfig(vision_encoder="clip")
+    assert {"qwen2", "llama", "phi"} <= set(omnivmed.models.LLMS.names())
+    with pytest.raises(ValueError, match="unknown LLM family"):
+        OmniVMedConfig(text_config=ViTConfig())
 
 
 def test_registry_names_known_connectors_exactly():

@@ -12,7 +12,7 @@ from .configuration import (
     default_rope_sections,
 )
 from .modeling import OmniVMedForConditionalGeneration, OmniVMedPreTrainedModel
-from .registry import CONNECTORS
+from .registry import CONNECTORS, ENCODERS, LLMS
 from .token_counts import VisualKind, visual_token_count
 from .tokenizer import add_image_token, build_tiny_tokenizer
 from .vision import RotaryVisionTower, load_siglip_weights
@@ -26,6 +26,8 @@ AutoModel.register(OmniVMedConfig, OmniVMedForConditionalGeneration, exist_ok=Tr
 __all__ = [
     "CONNECTORS",
     "DEFAULT_ROPE_SECTIONS",
+    "ENCODERS",
+    "LLMS",
     "PRESETS",
     "OmniVMedConfig",
     "OmniVMedEncoder3DConfig",

@@ -169,6 +169,7 @@ class OmniVMedConfig(PretrainedConfig):
     Args:
         vision_config: `OmniVMedVisionConfig` (or a dict of it).
         text_config: the LLM's config (or a dict with its `model_type`); any causal LM.
+        vision_encoder: a registered 2D vision encoder ("rotary_siglip").
         connector: "mlp" (2-layer MLP with GELU), "merge_mlp" (2x2 spatial merge, then the
             MLP) or "resampler" (cross-attention to `connector_queries` learned queries).
         volume_strategy: "rotary" (OmniV-Med: slices as frames of one item, pruned),
@@ -184,6 +185,7 @@ class OmniVMedConfig(PretrainedConfig):
     def __init__(
         self,
         vision_config: dict | OmniVMedVisionConfig | None = None,
+        vision_encoder: str = "rotary_siglip",
         text_config: dict | PretrainedConfig | None = None,
         encoder3d_config: dict | OmniVMedEncoder3DConfig | None = None,
         connector: str = "mlp",
@@ -208,9 +210,12 @@ class OmniVMedConfig(PretrainedConfig):
         if isinstance(encoder3d_config, dict):
             encoder3d_config = OmniVMedEncoder3DConfig(**encoder3d_config)
         self.encoder3d_config = encoder3d_config
-        from .registry import CONNECTORS  # the registry owns the names
+        from .registry import CONNECTORS, ENCODERS, LLMS  # the registries own the names
 
         CONNECTORS.check(connector)
+        ENCODERS.check(vision_encoder)
+        LLMS.check(self.text_config.model_type)
+        self.vision_encoder = vision_encoder
         if volume_strategy not in VOLUME_STRATEGIES:
             raise ValueError(
                 f"volume_strategy must be one of {VOLUME_STRATEGIES}, got {volume_strategy!r}"

@@ -9,6 +9,7 @@ from torch.nn import functional as F
 from transformers.activations import ACT2FN
 
 from .configuration import OmniVMedEncoder3DConfig
+from .registry import ENCODERS
 
 
 class _Block(nn.Module):
@@ -28,6 +29,7 @@ class _Block(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
 
+@ENCODERS.register("encoder3d")
 class Encoder3D(nn.Module):
     def __init__(self, config: OmniVMedEncoder3DConfig) -> None:
         super().__init__()

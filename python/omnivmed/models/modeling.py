@@ -27,7 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .attention import frame_cu_seqlens
 from .configuration import OmniVMedConfig
 from .encoder3d import Encoder3D
-from .registry import CONNECTORS
+from .registry import CONNECTORS, ENCODERS
 from .token_counts import VisualKind
 from .vision import RotaryVisionTower
 from .volume import SliceAttentionCompressor, slice_average
@@ -69,7 +69,9 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
                 f"connector 'merge_mlp' needs patch grids, but volume_strategy "
                 f"{config.volume_strategy!r} produces compressed tokens; use 'mlp' or 'resampler'"
             )
-        self.vision_tower = RotaryVisionTower(config.vision_config)
+        self.vision_tower: RotaryVisionTower = ENCODERS.get(config.vision_encoder)(
+            config.vision_config
+        )
         self.connector = CONNECTORS.get(config.connector)(
             vision_dim,
             text_dim,

@@ -41,7 +41,21 @@ class Registry:
 
 
 CONNECTORS = Registry("connector")
-VOLUME_STRATEGIES = Registry("volume strategy")
+ENCODERS = Registry("vision encoder")
+LLMS = Registry("LLM family")
 
-# Importing the modules fills the registries.
+
+def _register_causal_lms() -> None:
+    """Every causal-LM family transformers knows (Qwen2/Qwen2.5 is the default)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for model_type, class_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        LLMS.register(model_type)(class_name)
+
+
+_register_causal_lms()
+
+# Importing the modules fills the other registries.
 from . import connectors as _connectors  # noqa: E402,F401
+from . import encoder3d as _encoder3d  # noqa: E402,F401
+from . import vision as _vision  # noqa: E402,F401

@@ -19,6 +19,7 @@ from transformers.activations import ACT2FN
 
 from .attention import frame_cu_seqlens, varlen_rotary_attention
 from .configuration import OmniVMedVisionConfig
+from .registry import ENCODERS
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class VisionLayer(nn.Module):
         return hidden + self.mlp(self.layer_norm2(hidden))
 
 
+@ENCODERS.register("rotary_siglip")
 class RotaryVisionTower(nn.Module):
     """SigLIP vision encoder with rotary (t, h, w) positions over packed items."""
 
