@@ -1,0 +1,110 @@
+"""LLaVA-style instruction records, from JSON (a list) or JSONL (one record per line).
+
+    {"id": "ct-001", "volumes": ["ct/001.nii.gz"], "conversations": [
+        {"from": "human", "value": "<image3d>\\nWhat organ is shown?"},
+        {"from": "gpt", "value": "The liver."}]}
+
+Media lists: "images", "volumes", "videos" (plus LLaVA's single "image" / "video"). The
+order of items in a sample follows the markers in the conversation: each marker takes the
+next item of its own kind (<image> images, <video> videos, <image3d> volumes; a sample
+with only one kind may use <image> for all). Paths are relative to the data root and
+must stay inside it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..models.token_counts import VisualKind
+
+_KIND_KEYS = {"images": VisualKind.IMAGE, "image": VisualKind.IMAGE, "videos": VisualKind.VIDEO,
+              "video": VisualKind.VIDEO, "volumes": VisualKind.VOLUME, "volume": VisualKind.VOLUME}  # fmt: skip
+_MARKER_KIND = {
+    "<image>": VisualKind.IMAGE,
+    "<video>": VisualKind.VIDEO,
+    "<image3d>": VisualKind.VOLUME,
+}
+_MARKER_RE = re.compile("<image3d>|<image>|<video>")
+
+
+class RecordError(ValueError):
+    pass
+
+
+@dataclass
+class Record:
+    id: str
+    conversations: list[dict[str, Any]]
+    media: list[tuple[VisualKind, Path, dict[str, Any]]] = field(default_factory=list)
+
+
+def _resolve(root: Path, value: Any, sample_id: str) -> tuple[Path, dict[str, Any]]:
+    options: dict[str, Any] = {}
+    if isinstance(value, dict):  # {"path": ..., "start": ..., "end": ..., "ct_window": ...}
+        options = {k: v for k, v in value.items() if k != "path"}
+        value = value.get("path")
+    if not isinstance(value, str) or not value:
+        raise RecordError(
+            f"sample {sample_id!r}: a media entry must be a path string, got {value!r}"
+        )
+    path = (root / value).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise RecordError(f"sample {sample_id!r}: {value!r} points outside the data root {root}")
+    return path, options
+
+
+def parse_record(raw: dict[str, Any], root: Path, index: int) -> Record:
+    sample_id = str(raw.get("id", f"#{index}"))
+    convs = raw.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise RecordError(f"sample {sample_id!r}: 'conversations' must be a non-empty list")
+    by_kind: dict[VisualKind, list] = {k: [] for k in VisualKind}
+    for key, kind in _KIND_KEYS.items():
+        if key in raw:
+            values = raw[key] if isinstance(raw[key], list) else [raw[key]]
+            by_kind[kind] += [_resolve(root, v, sample_id) for v in values]
+    kinds_present = [k for k in VisualKind if by_kind[k]]
+    markers = [
+        _MARKER_KIND[m] for turn in convs for m in _MARKER_RE.findall(str(turn.get("value", "")))
+    ]
+    total = sum(len(v) for v in by_kind.values())
+    if len(markers) != total:
+        raise RecordError(f"sample {sample_id!r}: the conversation has {len(markers)} visual markers but "
+                          f"the record lists {total} media files")  # fmt: skip
+    media, used = [], {k: 0 for k in VisualKind}
+    for marker_kind in markers:
+        kind = marker_kind
+        if marker_kind == VisualKind.IMAGE and len(kinds_present) == 1:
+            kind = kinds_present[0]  # a plain <image> marker in a one-kind sample
+        if used[kind] >= len(by_kind[kind]):
+            raise RecordError(
+                f"sample {sample_id!r}: more {kind.name.lower()} markers than {kind.name.lower()} files"
+            )
+        path, options = by_kind[kind][used[kind]]
+        used[kind] += 1
+        media.append((kind, path, options))
+    return Record(sample_id, convs, media)
+
+
+def load_records(path: str | Path, root: str | Path | None = None) -> list[Record]:
+    """Read a .json (list) or .jsonl file; media paths resolve against `root` (default:
+    the file's folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    root = Path(root) if root is not None else path.parent
+    text = path.read_text()
+    try:
+        if path.suffix == ".jsonl":
+            raws = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            raws = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"{path}: invalid JSON ({exc})") from exc
+    if not isinstance(raws, list):
+        raise RecordError(f"{path}: expected a list of records")
+    return [parse_record(r, root, i) for i, r in enumerate(raws)]

@@ -1,0 +1,142 @@
+"""The processor: media files and a conversation -> model inputs with exact placeholder
+counts. One place that ties reading, intensity, resizing, patchify + prune and prompts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models.configuration import OmniVMedConfig
+from ..models.token_counts import VisualKind, visual_token_count
+from .errors import MediaError
+from .intensity import to_encoder_input, volume_to_unit_range
+from .prompt import expand_markers, to_messages, tokenize_conversation
+from .readers import DEFAULT_MAX_BYTES, read_image, read_video, read_volume
+from .resize import frames_within_token_cap, resize_frames, snap_size, uniform_indices
+from .visual_batch import VisualBatch, VisualItem, pack_visual_items
+
+
+@dataclass
+class ProcessorOptions:
+    min_pixels: int = 64 * 64
+    max_pixels: int = 448 * 448
+    max_slices: int = 32  # slices kept from a volume (evenly spread)
+    max_visual_tokens: int = 4096  # per sample, after pruning; big items are subsampled to fit
+    video_fps: float | None = 1.0
+    video_frames: int | None = None
+    max_video_frames: int = 32
+    ct_window: str | None = None  # None: the default window for CT, percentiles otherwise
+    prune: bool = True
+    prune_threshold: float | None = None  # None: the model config's
+    max_bytes: int = DEFAULT_MAX_BYTES
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+@dataclass
+class Media:
+    kind: VisualKind
+    path: str | Path | list
+    options: dict[str, Any] | None = None  # per-sample: ct_window, start, end, ...
+
+
+class OmniVMedProcessor:
+    def __init__(
+        self, config: OmniVMedConfig, tokenizer, options: ProcessorOptions | None = None
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.options = options or ProcessorOptions()
+        merge = 2 if config.connector == "merge_mlp" else 1
+        self.multiple = config.vision_config.patch_size * max(merge, config.prune_unit)
+
+    # ---- media -------------------------------------------------------------------------
+    def load(self, media: Media) -> VisualItem:
+        """Read and normalize one item into encoder-ready frames `[F, C, H, W]`."""
+        o, extra = self.options, media.options or {}
+        channels = self.config.vision_config.num_channels
+        if media.kind == VisualKind.IMAGE:
+            frames01 = read_image(media.path)[None]
+        elif media.kind == VisualKind.VIDEO:
+            video = read_video(
+                media.path, sample_fps=None if o.video_frames else o.video_fps, num_frames=o.video_frames,
+                start=extra.get("start"), end=extra.get("end"), max_frames=o.max_video_frames, max_bytes=o.max_bytes,
+            )  # fmt: skip
+            frames01 = video.frames
+        else:
+            volume = read_volume(media.path, o.max_bytes)
+            data = volume.data[uniform_indices(volume.data.shape[0], o.max_slices)]
+            frames01 = volume_to_unit_range(
+                data, volume.modality, extra.get("ct_window", o.ct_window), volume.source
+            )
+        frames = to_encoder_input(frames01, o.image_mean, o.image_std, channels)
+        height, width = snap_size(
+            frames.shape[-2], frames.shape[-1], self.multiple, o.min_pixels, o.max_pixels
+        )
+        frames = resize_frames(frames, (height, width))
+        volume3d = None
+        if media.kind == VisualKind.VOLUME and self.config.volume_strategy == "encoder3d":
+            c3 = self.config.encoder3d_config
+            vol = torch.as_tensor(frames01 if frames01.ndim == 3 else frames01[..., 0])[None, None]
+            volume3d = torch.nn.functional.interpolate(
+                vol.float(), size=tuple(c3.volume_size), mode="trilinear"
+            )[0]
+            volume3d = volume3d.expand(c3.num_channels, -1, -1, -1).clone()
+        return VisualItem(media.kind, frames, volume3d=volume3d)
+
+    def _fit_token_cap(self, items: list[VisualItem]) -> list[VisualItem]:
+        """Subsample long videos and big volumes (evenly, whole frames) so the sample's
+        unpruned visual tokens fit the cap; never cut an item short."""
+        cap = self.options.max_visual_tokens
+        ps = self.config.vision_config.patch_size
+
+        def tokens(item):
+            f, _, h, w = item.frames.shape
+            return visual_token_count(self.config, item.kind, f, h // ps, w // ps)
+
+        total = sum(tokens(i) for i in items)
+        if total <= cap:
+            return items
+        fixed = sum(tokens(i) for i in items if i.frames.shape[0] == 1)
+        multi = [i for i in items if i.frames.shape[0] > 1]
+        share = (cap - fixed) // max(1, len(multi))
+        out = []
+        for item in items:
+            if item.frames.shape[0] > 1:
+                _, _, h, w = item.frames.shape
+                per_frame = visual_token_count(self.config, item.kind, 1, h // ps, w // ps)
+                keep = frames_within_token_cap(
+                    item.frames.shape[0], per_frame, max(share, per_frame)
+                )
+                item = VisualItem(
+                    item.kind,
+                    item.frames[uniform_indices(item.frames.shape[0], keep)],
+                    item.volume3d,
+                )
+            out.append(item)
+        if sum(tokens(i) for i in out) > cap:
+            raise ValueError(
+                f"the sample's images alone give more than max_visual_tokens = {cap} tokens"
+            )
+        return out
+
+    # ---- samples -----------------------------------------------------------------------
+    def __call__(self, conversations: list[dict], media: list[Media], sample_id: str = "?",
+                 prune: bool | None = None) -> dict[str, Any]:  # fmt: skip
+        """-> {"input_ids", "labels", "visual": VisualBatch, "id"}."""
+        messages = to_messages(conversations, sample_id)
+        try:
+            items = [self.load(m) for m in media]
+        except MediaError as exc:
+            raise exc.for_sample(sample_id) from exc
+        items = self._fit_token_cap(items)
+        prune = self.options.prune if prune is None else prune
+        visual: VisualBatch = pack_visual_items(
+            items, self.config, prune=prune, threshold=self.options.prune_threshold
+        )
+        messages = expand_markers(messages, visual.token_counts, self.config.image_token, sample_id)
+        input_ids, labels = tokenize_conversation(self.tokenizer, messages)
+        return {"id": sample_id, "input_ids": input_ids, "labels": labels, "visual": visual}

@@ -1,0 +1,292 @@
+"""Readers: images (Pillow), volumes (NIfTI via nibabel, DICOM series via pydicom,
+.npy/.npz) and videos (decord), into float arrays. Every failure is a `MediaError` that
+names the file; sizes are checked against a memory limit before any voxel is loaded."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MediaError
+
+DEFAULT_MAX_BYTES = 2 << 30  # refuse volumes/videos whose float32 data would exceed 2 GiB
+
+
+@dataclass
+class Volume:
+    """Axial slices `[S, H, W]` float32 (CT in Hounsfield units when the source says so)."""
+
+    data: np.ndarray
+    modality: str  # "CT", "MR" or "unknown"
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # slice, row, column (mm)
+    source: str = ""
+
+
+@dataclass
+class Video:
+    """Frames `[F, H, W, 3]` float32 in [0, 1], and their times in seconds."""
+
+    frames: np.ndarray
+    timestamps: list[float] = field(default_factory=list)
+    source: str = ""
+
+
+def _check_size(path: Path, shape: Sequence[int], max_bytes: int) -> None:
+    need = 4 * int(np.prod([int(s) for s in shape], dtype=np.float64))
+    if need > max_bytes:
+        raise MediaError(path, f"declared size {tuple(int(s) for s in shape)} needs {need / 2**30:.1f} GiB as float32, "
+                         f"over the limit of {max_bytes / 2**30:.1f} GiB")  # fmt: skip
+
+
+def _check_finite(path: Path, data: np.ndarray) -> None:
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise MediaError(path, f"{bad} voxels are NaN or infinite")
+
+
+# ---- images -----------------------------------------------------------------------------
+def read_image(path: str | Path) -> np.ndarray:
+    """PNG/JPEG/TIFF/... 8- or 16-bit, grayscale or RGB -> `[H, W, C]` float32 in [0, 1]
+    (C = 1 or 3)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(path, "file not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float32)
+                arr = arr / (65535.0 if arr.max() > 255 or mode.startswith("I;16") else 255.0)
+                arr = arr[..., None]
+            elif mode == "F":
+                arr = np.asarray(img, dtype=np.float32)
+                lo, hi = float(arr.min()), float(arr.max())
+                arr = ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr))[..., None]
+            elif mode in ("L", "1"):
+                arr = np.asarray(img.convert("L"), dtype=np.float32)[..., None] / 255.0
+            else:
+                arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise MediaError(path, f"not a readable image ({exc})") from exc
+    if arr.size == 0:
+        raise MediaError(path, "image has no pixels")
+    _check_finite(path, arr)
+    return np.clip(arr, 0.0, 1.0)
+
+
+# ---- volumes ----------------------------------------------------------------------------
+def read_volume(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
+    """A NIfTI file, a DICOM series folder (or one .dcm file), or a .npy/.npz array."""
+    path = Path(path)
+    if not path.exists():
+        raise MediaError(path, "file not found")
+    name = path.name.lower()
+    if path.is_dir() or name.endswith(".dcm"):
+        return read_dicom_series(path, max_bytes)
+    if name.endswith((".nii", ".nii.gz")):
+        return read_nifti(path, max_bytes)
+    if name.endswith((".npy", ".npz")):
+        return read_numpy_volume(path, max_bytes)
+    raise MediaError(
+        path, "unknown volume format (expected .nii, .nii.gz, .dcm, a DICOM folder, .npy or .npz)"
+    )
+
+
+def read_nifti(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for corrupt headers
+        raise MediaError(path, f"not a readable NIfTI file ({exc})") from exc
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise MediaError(
+            path, f"expected a 3-D volume, the header declares shape {tuple(img.shape)}"
+        )
+    _check_size(path, shape, max_bytes)
+    try:
+        canonical = nib.as_closest_canonical(img)  # RAS+: axis 2 runs inferior -> superior
+        data = np.asarray(canonical.get_fdata(dtype=np.float32)).reshape(canonical.shape[:3])
+        zooms = canonical.header.get_zooms()[:3]
+    except Exception as exc:  # truncated data, bad affine
+        raise MediaError(path, f"cannot read the voxel data ({exc})") from exc
+    _check_finite(path, data)
+    slices = np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, :])  # [z, y (anterior up), x]
+    return Volume(slices, "unknown", (float(zooms[2]), float(zooms[1]), float(zooms[0])), str(path))
+
+
+def read_dicom_series(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    headers = []
+    for f in files:
+        try:
+            headers.append((f, pydicom.dcmread(str(f), stop_before_pixels=True)))
+        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+            if not path.is_dir():
+                raise MediaError(f, f"not a readable DICOM file ({exc})") from exc
+    headers = [(f, h) for f, h in headers if "Rows" in h and "Columns" in h]
+    if not headers:
+        raise MediaError(path, "no DICOM images found")
+    series = Counter(str(h.get("SeriesInstanceUID", "")) for _, h in headers).most_common(1)[0][0]
+    headers = [(f, h) for f, h in headers if str(h.get("SeriesInstanceUID", "")) == series]
+    rows, cols = int(headers[0][1].Rows), int(headers[0][1].Columns)
+    if any((int(h.Rows), int(h.Columns)) != (rows, cols) for _, h in headers):
+        raise MediaError(path, "slices of one series have different sizes")
+    _check_size(path, (len(headers), rows, cols), max_bytes)
+
+    def order(item):
+        h = item[1]
+        pos, ori = h.get("ImagePositionPatient"), h.get("ImageOrientationPatient")
+        if pos is not None and ori is not None:
+            normal = np.cross(np.asarray(ori[:3], float), np.asarray(ori[3:], float))
+            return float(np.dot(normal, np.asarray(pos, float)))
+        return float(h.get("InstanceNumber", 0))
+
+    headers.sort(key=order)
+    slices = []
+    for f, _ in headers:
+        try:
+            ds = pydicom.dcmread(str(f))
+            pixels = ds.pixel_array.astype(np.float32)
+        except Exception as exc:  # truncated pixel data, unsupported transfer syntax
+            raise MediaError(f, f"cannot decode the pixel data ({exc})") from exc
+        slope = float(ds.get("RescaleSlope", 1.0))
+        intercept = float(ds.get("RescaleIntercept", 0.0))
+        slices.append(pixels * slope + intercept)  # CT -> Hounsfield units
+    data = np.stack(slices)
+    _check_finite(path, data)
+    first = headers[0][1]
+    modality = str(first.get("Modality", "unknown")) or "unknown"
+    spacing_rc = [float(v) for v in first.get("PixelSpacing", [1.0, 1.0])]
+    thickness = float(first.get("SliceThickness", 1.0) or 1.0)
+    return Volume(data, modality, (thickness, spacing_rc[0], spacing_rc[1]), str(path))
+
+
+def read_numpy_volume(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
+    try:
+        if path.name.lower().endswith(".npy"):
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as archive:
+                keys = list(archive.keys())
+                key = "volume" if "volume" in keys else (keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise MediaError(
+                        path, f"an .npz needs a 'volume' array or exactly one array, found {keys}"
+                    )
+                arr = archive[key]
+    except MediaError:
+        raise
+    except Exception as exc:
+        raise MediaError(path, f"not a readable NumPy file ({exc})") from exc
+    if arr.ndim != 3:
+        raise MediaError(path, f"expected a 3-D array [slices, H, W], got shape {arr.shape}")
+    _check_size(path, arr.shape, max_bytes)
+    data = np.asarray(arr, dtype=np.float32)
+    _check_finite(path, data)
+    return Volume(data, "unknown", source=str(path))
+
+
+# ---- videos -----------------------------------------------------------------------------
+def video_frame_indices(
+    total: int, fps: float, *, sample_fps: float | None = None, num_frames: int | None = None,
+    start: float | None = None, end: float | None = None, max_frames: int | None = None,
+) -> list[int]:  # fmt: skip
+    """Frame indices sampled by rate (`sample_fps`) or by count (`num_frames`) inside
+    [start, end] seconds; more than `max_frames` are thinned uniformly, never cut off."""
+    if sample_fps is not None and num_frames is not None:
+        raise ValueError("sample videos by sample_fps or by num_frames, not both")
+    first = 0 if start is None else max(0, round(start * fps))
+    last = total - 1 if end is None else min(total - 1, round(end * fps))
+    if last < first:
+        raise ValueError(
+            f"empty time range: start={start}s end={end}s in a {total / fps:.2f}s video"
+        )
+    span = last - first + 1
+    if num_frames is not None:
+        count = min(num_frames, span)
+        idx = np.linspace(first, last, count).round().astype(int).tolist()
+    elif sample_fps is not None:
+        step = max(fps / sample_fps, 1.0)
+        idx = np.arange(first, last + 1, step).round().astype(int).tolist()
+    else:
+        idx = list(range(first, last + 1))
+    if max_frames is not None and len(idx) > max_frames:
+        keep = np.linspace(0, len(idx) - 1, max_frames).round().astype(int)
+        idx = [idx[i] for i in keep]
+    return sorted(set(idx))
+
+
+def read_video(
+    path: str | Path | Sequence[str | Path],
+    *,
+    sample_fps: float | None = None,
+    num_frames: int | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    max_frames: int | None = 64,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Video:
+    """A video file (decord), or a folder / list of frame images (sorted by name)."""
+    if isinstance(path, (list, tuple)) or Path(path).is_dir():
+        return _read_frame_images(path, num_frames=num_frames, max_frames=max_frames)
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise MediaError(path, "empty file")
+    try:
+        import decord
+    except ImportError as exc:
+        raise MediaError(path, "reading video files needs decord (pip install decord)") from exc
+    try:
+        reader = decord.VideoReader(str(path), num_threads=1)
+        total, fps = len(reader), float(reader.get_avg_fps() or 25.0)
+    except Exception as exc:  # decord raises DECORDError for corrupt containers
+        raise MediaError(path, f"not a readable video ({exc})") from exc
+    if total == 0:
+        raise MediaError(path, "video has no frames")
+    try:
+        idx = video_frame_indices(total, fps, sample_fps=sample_fps, num_frames=num_frames,
+                                  start=start, end=end, max_frames=max_frames)  # fmt: skip
+    except ValueError as exc:
+        raise MediaError(path, str(exc)) from exc
+    height, width = reader[0].shape[:2]
+    _check_size(path, (len(idx), height, width, 3), max_bytes)
+    try:
+        frames = reader.get_batch(idx).asnumpy().astype(np.float32) / 255.0
+    except Exception as exc:
+        raise MediaError(path, f"cannot decode frames ({exc})") from exc
+    return Video(frames, [i / fps for i in idx], str(path))
+
+
+def _read_frame_images(path, num_frames=None, max_frames=None) -> Video:
+    files = (
+        sorted(Path(path).iterdir())
+        if not isinstance(path, (list, tuple))
+        else [Path(p) for p in path]
+    )
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise MediaError(path, "no frame images")
+    idx = video_frame_indices(len(files), 1.0, num_frames=num_frames, max_frames=max_frames)
+    frames = []
+    for i in idx:
+        img = read_image(files[i])
+        frames.append(np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img)
+    if len({f.shape for f in frames}) != 1:
+        raise MediaError(path, "frame images have different sizes")
+    return Video(np.stack(frames), [float(i) for i in idx], str(path))

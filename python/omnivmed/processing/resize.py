@@ -1,0 +1,61 @@
+"""Native resolution: sizes snapped to the patch grid within pixel budgets, frame and
+slice budgets, and resampling."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+
+def snap_size(
+    height: int, width: int, multiple: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """The size closest to (height, width) with both sides multiples of `multiple` and an
+    area in [min_pixels, max_pixels], keeping the aspect ratio."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if min_pixels > max_pixels:
+        raise ValueError(f"min_pixels {min_pixels} > max_pixels {max_pixels}")
+    h = max(multiple, round(height / multiple) * multiple)
+    w = max(multiple, round(width / multiple) * multiple)
+    if h * w > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        h = max(multiple, math.floor(height / scale / multiple) * multiple)
+        w = max(multiple, math.floor(width / scale / multiple) * multiple)
+    elif h * w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * scale / multiple) * multiple
+        w = math.ceil(width * scale / multiple) * multiple
+    return h, w
+
+
+def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`[F, C, H, W]` -> `[F, C, *size]` (bilinear, antialiased when shrinking)."""
+    if tuple(frames.shape[-2:]) == tuple(size):
+        return frames
+    shrink = size[0] < frames.shape[-2] or size[1] < frames.shape[-1]
+    return F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def uniform_indices(total: int, budget: int) -> list[int]:
+    """At most `budget` indices spread evenly over range(total), first and last included."""
+    if total <= 0:
+        raise ValueError("nothing to sample from")
+    if budget <= 0:
+        raise ValueError(f"budget must be positive, got {budget}")
+    if total <= budget:
+        return list(range(total))
+    return np.linspace(0, total - 1, budget).round().astype(int).tolist()
+
+
+def frames_within_token_cap(num_frames: int, tokens_per_frame: int, cap: int) -> int:
+    """How many frames (or slices) fit a visual-token cap; at least one frame must fit."""
+    if tokens_per_frame > cap:
+        raise ValueError(
+            f"one frame alone gives {tokens_per_frame} visual tokens, over the cap of {cap}; "
+            "lower max_pixels or raise the cap"
+        )
+    return min(num_frames, cap // tokens_per_frame)
