@@ -367,3 +367,28 @@ def test_pack_visual_items_counts_match_connector(tiny):
         [VisualItem(VisualKind.IMAGE, torch.randn(1, 3, 16, 24))], model.config
     )
     assert batch.token_counts == [6]
+
+
+def test_mixture_ratios_are_deterministic(tiny, data_root, tmp_path):
+    from omnivmed.data import MixtureError, load_mixture
+
+    model, tok = tiny
+    proc = OmniVMedProcessor(model.config, tok, ProcessorOptions(max_pixels=64 * 64, max_slices=4))
+    (data_root / "one.json").write_text(
+        json.dumps([json.loads((data_root / "train.json").read_text())[0]])
+    )
+    spec = tmp_path / "mix.yaml"
+    spec.write_text(
+        f"seed: 3\nnum_samples: 10\ndatasets:\n"
+        f"  - {{path: {data_root / 'train.json'}, ratio: 0.7}}\n"
+        f"  - {{path: {data_root / 'one.json'}, ratio: 0.3}}\n"
+    )
+    a, b = load_mixture(spec, proc, on_error="skip"), load_mixture(spec, proc, on_error="skip")
+    assert len(a) == 10 and a.counts == [7, 3] and a.index == b.index
+    assert sum(1 for d, _ in a.index if d == 1) == 3
+    spec.write_text("datasets:\n  - {path: x.json, weight: 1}\n")
+    with pytest.raises(MixtureError, match="needs 'path' and only"):
+        load_mixture(spec, proc)
+    spec.write_text("sets: []\n")
+    with pytest.raises(MixtureError, match="unknown keys"):
+        load_mixture(spec, proc)

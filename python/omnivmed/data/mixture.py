@@ -1,0 +1,98 @@
+"""Mixtures of several instruction files with sampling ratios, described in YAML:
+
+    seed: 0
+    num_samples: 1000          # optional: defaults to the sum of the files' sizes
+    datasets:
+      - path: pmc_vqa.json     # relative to the YAML file
+        root: media/pmc        # media root (default: the data file's folder)
+        ratio: 0.7
+      - path: ct_rate.jsonl
+        ratio: 0.3
+
+Each file contributes round(ratio * num_samples) samples, drawn without replacement while
+it has enough and cycling through fresh shuffles beyond that; the order is shuffled with
+`seed`, so the mixture is the same on every run and every rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from torch.utils.data import Dataset
+
+from .dataset import InstructionDataset
+from .records import load_records
+
+_KEYS = {"seed", "num_samples", "datasets"}
+_ENTRY_KEYS = {"path", "root", "ratio"}
+
+
+class MixtureError(ValueError):
+    pass
+
+
+class MixtureDataset(Dataset):
+    def __init__(self, parts: list[InstructionDataset], ratios: list[float], num_samples: int | None = None,
+                 seed: int = 0) -> None:  # fmt: skip
+        if len(parts) != len(ratios) or not parts:
+            raise MixtureError("a mixture needs one ratio per dataset and at least one dataset")
+        if any(r < 0 for r in ratios) or sum(ratios) <= 0:
+            raise MixtureError(f"ratios must be non-negative with a positive sum, got {ratios}")
+        total = num_samples if num_samples is not None else sum(len(p) for p in parts)
+        weights = np.asarray(ratios, dtype=np.float64) / sum(ratios)
+        counts = np.floor(weights * total).astype(int)
+        counts[np.argsort(-(weights * total - counts))[: total - counts.sum()]] += (
+            1  # largest remainders
+        )
+        rng = np.random.default_rng(seed)
+        index: list[tuple[int, int]] = []
+        for d, (part, count) in enumerate(zip(parts, counts, strict=True)):
+            if count and len(part) == 0:
+                raise MixtureError(f"dataset {d} is empty but its ratio asks for {count} samples")
+            drawn: list[int] = []
+            while len(drawn) < count:
+                drawn += rng.permutation(len(part)).tolist()
+            index += [(d, i) for i in drawn[:count]]
+        order = rng.permutation(len(index))
+        self.parts = parts
+        self.index = [index[i] for i in order]
+        self.counts = counts.tolist()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        d, j = self.index[i]
+        return self.parts[d][j]
+
+
+def load_mixture(
+    yaml_path: str | Path, processor, on_error: str = "raise", prune: bool | None = None
+) -> MixtureDataset:
+    yaml_path = Path(yaml_path)
+    if not yaml_path.is_file():
+        raise FileNotFoundError(f"mixture file {yaml_path} does not exist")
+    spec = yaml.safe_load(yaml_path.read_text()) or {}
+    if not isinstance(spec, dict) or set(spec) - _KEYS:
+        raise MixtureError(
+            f"{yaml_path}: unknown keys {sorted(set(spec) - _KEYS)}; allowed: {sorted(_KEYS)}"
+        )
+    entries = spec.get("datasets")
+    if not isinstance(entries, list) or not entries:
+        raise MixtureError(f"{yaml_path}: 'datasets' must be a non-empty list")
+    parts, ratios = [], []
+    for k, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "path" not in entry or set(entry) - _ENTRY_KEYS:
+            raise MixtureError(
+                f"{yaml_path}: datasets[{k}] needs 'path' and only {sorted(_ENTRY_KEYS)}, got {entry}"
+            )
+        path = yaml_path.parent / entry["path"]
+        root = yaml_path.parent / entry["root"] if "root" in entry else None
+        parts.append(
+            InstructionDataset(load_records(path, root), processor, on_error=on_error, prune=prune)
+        )
+        ratios.append(float(entry.get("ratio", 1.0)))
+    return MixtureDataset(parts, ratios, spec.get("num_samples"), int(spec.get("seed", 0)))
