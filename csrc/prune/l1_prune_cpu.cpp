@@ -15,22 +15,7 @@ namespace omnivmed {
 namespace prune {
 namespace {
 
-struct Geometry {
-  int64_t frames, patches, values, grid_w, unit, units, units_per_row, values_per_unit;
-};
-
-Geometry geometry(const at::Tensor& patches, int64_t grid_h, int64_t grid_w, int64_t unit) {
-  Geometry g;
-  g.frames = patches.size(0);
-  g.patches = patches.size(1);
-  g.values = patches.size(2);
-  g.grid_w = grid_w;
-  g.unit = unit;
-  g.units_per_row = grid_w / unit;
-  g.units = (grid_h / unit) * g.units_per_row;
-  g.values_per_unit = unit * unit * g.values;
-  return g;
-}
+using Geometry = PruneGeometry;
 
 // Sum of |frame - reference| over unit u's patches and values.
 template <typename scalar_t>
@@ -173,7 +158,8 @@ Decision run_decide(const at::Tensor& patches, const at::Tensor& cu_frames, int6
   TORCH_CHECK(patches.device().is_cpu(), "l1_prune_cpu: expected CPU tensors");
   check_cu_frames_values(cu_frames, patches.size(0));
   Decision d;
-  d.g = geometry(patches, grid_h, grid_w, unit);
+  d.g = make_geometry(patches.size(0), patches.size(1), patches.size(2), grid_h, grid_w, unit,
+                      cu_frames.numel() - 1);
   const at::Tensor cu64 = cu_frames.to(at::kLong).contiguous();
   d.cu.assign(cu64.const_data_ptr<int64_t>(), cu64.const_data_ptr<int64_t>() + cu64.numel());
   d.keep = at::empty({d.g.frames, d.g.patches}, patches.options().dtype(at::kBool));

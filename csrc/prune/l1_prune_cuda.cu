@@ -28,10 +28,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-struct Geo {
-  int64_t frames, patches, values, grid_w, unit, units, units_per_row;
-  int64_t items;
-};
+using Geo = PruneGeometry;
 
 // The item holding frame f: the largest b with cu[b] <= f (bounded even if cu is bad).
 __device__ __forceinline__ int64_t item_of(const int32_t* cu, int64_t items, int64_t f) {
@@ -257,15 +254,8 @@ PaddedPruneOutputs l1_prune_padded_cuda(const at::Tensor& patches_in, const at::
   const c10::cuda::CUDAGuard device_guard(patches_in.device());
   const at::Tensor patches = patches_in.contiguous();
   const at::Tensor cu = cu_frames_in.contiguous();
-  Geo g;
-  g.frames = patches.size(0);
-  g.patches = patches.size(1);
-  g.values = patches.size(2);
-  g.grid_w = grid_w;
-  g.unit = unit;
-  g.units_per_row = grid_w / unit;
-  g.units = (grid_h / unit) * g.units_per_row;
-  g.items = cu.numel() - 1;
+  const Geo g = make_geometry(patches.size(0), patches.size(1), patches.size(2), grid_h, grid_w,
+                              unit, cu.numel() - 1);
   TORCH_CHECK(g.frames * g.patches < std::numeric_limits<int32_t>::max(),
               "l1_prune: F*N = ", g.frames * g.patches, " patches exceed the int32 row range");
   const int64_t rows = g.frames * g.patches;

@@ -48,6 +48,28 @@ OMNIVMED_HD bool outranks(acc_t sum_u, int64_t u, acc_t sum_v, int64_t v) {
   return sum_u > sum_v || (sum_u == sum_v && u < v);
 }
 
+// Sizes of one l1_prune call, shared by the CPU and CUDA kernels.
+struct PruneGeometry {
+  int64_t frames, patches, values;  // F, N, P
+  int64_t grid_w, unit, units, units_per_row, values_per_unit;
+  int64_t items;  // B
+};
+
+inline PruneGeometry make_geometry(int64_t frames, int64_t patches, int64_t values, int64_t grid_h,
+                                   int64_t grid_w, int64_t unit, int64_t items) {
+  PruneGeometry g;
+  g.frames = frames;
+  g.patches = patches;
+  g.values = values;
+  g.grid_w = grid_w;
+  g.unit = unit;
+  g.units_per_row = grid_w / unit;
+  g.units = (grid_h / unit) * g.units_per_row;
+  g.values_per_unit = unit * unit * values;
+  g.items = items;
+  return g;
+}
+
 // Patch index of element e (0 <= e < k*k) of unit u, on a grid of gw patches per row.
 OMNIVMED_HD int64_t unit_patch(int64_t u, int64_t e, int64_t unit, int64_t units_per_row,
                                int64_t grid_w) {

@@ -12,6 +12,14 @@ from torch import nn
 from .registry import CONNECTORS
 
 
+def attention_heads_for(dim: int) -> int:
+    """Heads of about 64 channels that divide `dim` (for the cross-attention modules)."""
+    heads = max(1, dim // 64)
+    while dim % heads:
+        heads -= 1
+    return heads
+
+
 def _lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return torch.diff(cu_seqlens.long())
 
@@ -94,9 +102,7 @@ class ResamplerConnector(nn.Module):
         **_: object,
     ) -> None:
         super().__init__()
-        heads = num_heads or max(1, vision_dim // 64)
-        while vision_dim % heads:
-            heads -= 1
+        heads = num_heads or attention_heads_for(vision_dim)
         self.num_queries = num_queries
         self.queries = nn.Parameter(torch.randn(num_queries, vision_dim) * vision_dim**-0.5)
         self.norm_kv = nn.LayerNorm(vision_dim)

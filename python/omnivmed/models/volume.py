@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .connectors import attention_heads_for
+
 
 def slice_average(features: torch.Tensor, frames: int, grid_h: int, grid_w: int) -> torch.Tensor:
     """features `[frames * gh * gw, D]` of one volume, slice-major -> `[gh * gw, D]`."""
@@ -28,9 +30,7 @@ class SliceAttentionCompressor(nn.Module):
 
     def __init__(self, dim: int, num_tokens: int, num_heads: int | None = None) -> None:
         super().__init__()
-        heads = num_heads or max(1, dim // 64)
-        while dim % heads:
-            heads -= 1
+        heads = num_heads or attention_heads_for(dim)
         self.num_tokens = num_tokens
         self.queries = nn.Parameter(torch.randn(num_tokens, dim) * dim**-0.5)
         self.norm = nn.LayerNorm(dim)
