@@ -1,0 +1,115 @@
+"""Stage configurations (YAML), validated before anything trains."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODULES = ("vision_tower", "connector", "language_model", "slice_compressor", "encoder3d")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class StageConfig:
+    """One training stage. `init` is "preset:<name>" or a directory saved by a previous
+    stage ("previous" when run in a chain); `data` a .json/.jsonl file or a YAML mixture."""
+
+    name: str
+    stage: int = 1
+    init: str = "preset:tiny"
+    data: str = ""
+    data_root: str | None = None
+    output_dir: str = "runs/stage"
+    trainable: list[str] = field(default_factory=lambda: ["vision_tower", "connector"])
+    lr: float = 1e-3
+    module_lr: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.0
+    epochs: int = 1
+    max_steps: int | None = None
+    micro_batch_size: int = 2
+    grad_accum: int = 1
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    zero_stage: int = 2
+    offload: bool = False
+    gradient_checkpointing: bool = False
+    prune: bool = False
+    prune_threshold: float | None = None
+    min_pixels: int = 32 * 32
+    max_pixels: int = 448 * 448
+    max_slices: int = 32
+    video_fps: float = 1.0
+    save_every: int = 0
+    keep_last: int = 2
+    seed: int = 0
+    on_error: str = "raise"
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.trainable + list(self.module_lr) if m not in MODULES]
+        if unknown:
+            raise ConfigError(
+                f"stage {self.name!r}: unknown modules {unknown}; known: {list(MODULES)}"
+            )
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"stage {self.name!r}: zero_stage must be 0-3, got {self.zero_stage}")
+        for key in ("lr", "epochs", "micro_batch_size", "grad_accum"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(
+                    f"stage {self.name!r}: {key} must be positive, got {getattr(self, key)}"
+                )
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(
+                f"stage {self.name!r}: warmup_ratio must be in [0, 1), got {self.warmup_ratio}"
+            )
+        if self.on_error not in ("raise", "skip"):
+            raise ConfigError(f"stage {self.name!r}: on_error must be 'raise' or 'skip'")
+
+    @property
+    def allowed_keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self)]
+
+
+def load_stage_config(path: str | Path, **overrides: Any) -> StageConfig:
+    """Read and validate a stage YAML; `overrides` (e.g. from the command line) win."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"stage config {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    allowed = {f.name for f in dataclasses.fields(StageConfig)}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {unknown}; allowed keys: {sorted(allowed)}")
+    raw.setdefault("name", path.stem)
+    try:
+        return StageConfig(**raw)
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def check_data(cfg: StageConfig) -> None:
+    if not cfg.data:
+        raise ConfigError(f"stage {cfg.name!r}: no data file given")
+    if not Path(cfg.data).is_file():
+        raise ConfigError(f"stage {cfg.name!r}: data file {cfg.data} does not exist")
+
+
+def check_stage_order(stages: list[StageConfig]) -> None:
+    """Stages must run in increasing order, and only the first may start from a preset
+    unless a later one names its own checkpoint."""
+    numbers = [s.stage for s in stages]
+    if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
+        raise ConfigError(f"stages must run in increasing order without repeats, got {numbers}")
+    if stages and stages[0].init == "previous":
+        raise ConfigError(
+            f"stage {stages[0].name!r} starts from 'previous' but no stage runs before it"
+        )

@@ -1,0 +1,255 @@
+"""Training one stage with DeepSpeed: freezing, per-module learning rates, a cosine
+schedule with warm-up, gradient accumulation, atomic checkpoints with exact resume, and
+metrics (tqdm, JSONL, TensorBoard)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data import InstructionDataset, VisualCollator, load_mixture, load_records
+from ..models import OmniVMedForConditionalGeneration, build_preset
+from ..processing.processor import OmniVMedProcessor, ProcessorOptions
+from .checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from .config import ConfigError, StageConfig, check_data
+from .distributed import barrier, init_distributed
+from .sampler import ResumableShardedSampler
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_initial_model(cfg: StageConfig):
+    from transformers import AutoTokenizer
+
+    if cfg.init.startswith("preset:"):
+        return build_preset(cfg.init.split(":", 1)[1])
+    path = Path(cfg.init)
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"stage {cfg.name!r}: init {cfg.init!r} is neither 'preset:<name>' nor a saved model directory"
+        )
+    return OmniVMedForConditionalGeneration.from_pretrained(path), AutoTokenizer.from_pretrained(
+        path
+    )
+
+
+def param_groups(model, cfg: StageConfig) -> list[dict[str, Any]]:
+    groups = []
+    for name, module in model.named_children():
+        trainable = name in cfg.trainable
+        for p in module.parameters():
+            p.requires_grad_(trainable)
+        if not trainable:
+            continue
+        params = [p for p in module.parameters() if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": cfg.module_lr.get(name, cfg.lr), "name": name,
+                           "weight_decay": cfg.weight_decay})  # fmt: skip
+    if not groups:
+        raise ConfigError(f"stage {cfg.name!r}: nothing to train (trainable = {cfg.trainable})")
+    return groups
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float):
+    warmup = round(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def deepspeed_config(cfg: StageConfig) -> dict[str, Any]:
+    on_gpu = torch.cuda.is_available()
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload and cfg.zero_stage >= 2:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": on_gpu and torch.cuda.is_bf16_supported()},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_dataset(cfg: StageConfig, model, tokenizer):
+    check_data(cfg)
+    options = ProcessorOptions(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, max_slices=cfg.max_slices, video_fps=cfg.video_fps,
+                               prune=cfg.prune, prune_threshold=cfg.prune_threshold)  # fmt: skip
+    processor = OmniVMedProcessor(model.config, tokenizer, options)
+    if cfg.data.endswith((".yaml", ".yml")):
+        return load_mixture(cfg.data, processor, on_error=cfg.on_error, prune=cfg.prune)
+    return InstructionDataset(
+        load_records(cfg.data, cfg.data_root), processor, on_error=cfg.on_error, prune=cfg.prune
+    )
+
+
+class MetricsLog:
+    def __init__(self, out_dir: Path, stage: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self.stage = stage
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                logger.warning("tensorboard is not installed: metrics go to %s only", self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"stage": self.stage, **record}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(f"{self.stage}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train_stage(
+    cfg: StageConfig, *, resume: bool = True, stop_after_steps: int | None = None
+) -> Path:
+    """Train one stage; returns the exported model directory (`<output_dir>/final`).
+
+    `resume`: continue from the newest complete checkpoint in `<output_dir>/checkpoints`.
+    `stop_after_steps`: return early after that many optimizer steps of this run (for
+    tests and time-boxed jobs; the last checkpoint stays usable)."""
+    import deepspeed
+
+    rank, world = init_distributed()
+    seed_everything(cfg.seed)
+    out_dir = Path(cfg.output_dir)
+    model, tokenizer = load_initial_model(cfg)
+    dataset = build_dataset(cfg, model, tokenizer)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    groups = param_groups(model, cfg)
+    sampler = ResumableShardedSampler(len(dataset), rank, world, cfg.seed)
+    micro_per_epoch = sampler.per_rank // cfg.micro_batch_size
+    steps_per_epoch = micro_per_epoch // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"stage {cfg.name!r}: {len(dataset)} samples make no optimizer step with "
+                          f"{world} ranks x micro batch {cfg.micro_batch_size} x accumulation {cfg.grad_accum}")  # fmt: skip
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, cfg.warmup_ratio)
+    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(cfg))  # fmt: skip
+    collate = VisualCollator(tokenizer.pad_token_id, padding_side="right")
+    step, seen_samples = 0, []
+    ckpt_root = out_dir / "checkpoints"
+    if resume:
+        client = load_latest(engine, ckpt_root)
+        if client is not None:
+            step = client["step"]
+            sampler.load_state_dict(client["sampler"])
+            set_rng_state(client["rng"])
+            if rank == 0:
+                logger.info("resumed stage %s at step %d", cfg.name, step)
+    metrics = MetricsLog(out_dir, cfg.name, rank == 0)
+    bar = tqdm(
+        total=total_steps, initial=step, desc=f"{cfg.name}", disable=rank != 0, dynamic_ncols=True
+    )
+    run_steps, window_loss, window_tokens, window_skipped, t0 = 0, [], 0, 0, time.perf_counter()
+    engine.train()
+    done = step >= total_steps
+    while not done:
+        for indices in sampler.batches(cfg.micro_batch_size):
+            batch = collate([dataset[i] for i in indices])
+            seen_samples.extend(batch["ids"])
+            window_skipped += batch.pop("num_skipped")
+            batch.pop("ids")
+            if "input_ids" not in batch:
+                continue
+            window_tokens += int(batch["attention_mask"].sum())
+            batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            window_loss.append(float(loss.detach()))
+            if not engine.is_gradient_accumulation_boundary():
+                continue
+            step += 1
+            run_steps += 1
+            elapsed = time.perf_counter() - t0
+            record = {"step": step, "loss": float(np.mean(window_loss)), "lr": schedule.get_last_lr()[0],
+                      "tokens_per_s": window_tokens * world / max(elapsed, 1e-9), "skipped": window_skipped}  # fmt: skip
+            metrics.write(record)
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record['lr']:.2e}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+            )
+            bar.update(1)
+            window_loss, window_tokens, window_skipped, t0 = [], 0, 0, time.perf_counter()
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
+                save_checkpoint(engine, ckpt_root, step,
+                                {"step": step, "sampler": sampler.state_dict(), "rng": rng_state()},
+                                cfg.keep_last, rank)  # fmt: skip
+            if step >= total_steps or (
+                stop_after_steps is not None and run_steps >= stop_after_steps
+            ):
+                done = True
+                break
+        else:
+            sampler.next_epoch()
+    bar.close()
+    metrics.close()
+    # Which samples this run consumed, per rank (one line per run, so resumes append).
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / f"seen_rank{rank}.jsonl").open("a") as f:
+        f.write(json.dumps(seen_samples) + "\n")
+    final = out_dir / "final"
+    if step >= total_steps:
+        export(engine, tokenizer, final, cfg.zero_stage, rank)
+    barrier()
+    return final
+
+
+def export(engine, tokenizer, path: Path, zero_stage: int, rank: int) -> None:
+    """save_pretrained (safetensors) of the whole model, gathered under ZeRO-3."""
+    import deepspeed
+
+    model = engine.module
+    params = list(model.parameters()) if zero_stage == 3 else []
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage == 3):
+        if rank == 0:
+            model.save_pretrained(path, safe_serialization=True)
+            tokenizer.save_pretrained(path)
