@@ -184,6 +184,8 @@ def train_stage(
             if rank == 0:
                 logger.info("resumed stage %s at step %d", cfg.name, step)
     metrics = MetricsLog(out_dir, cfg.name, rank == 0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples_log = out_dir / f"samples_rank{rank}.jsonl"
     bar = tqdm(
         total=total_steps, initial=step, desc=f"{cfg.name}", disable=rank != 0, dynamic_ncols=True
     )
@@ -208,6 +210,11 @@ def train_stage(
                 continue
             step += 1
             run_steps += 1
+            # The samples behind this optimizer step, per rank: resumes append, and the last
+            # record of each step is what the model saw.
+            with samples_log.open("a") as f:
+                f.write(json.dumps({"step": step, "samples": seen_samples}) + "\n")
+            seen_samples = []
             elapsed = time.perf_counter() - t0
             record = {"step": step, "loss": float(np.mean(window_loss)), "lr": schedule.get_last_lr()[0],
                       "tokens_per_s": window_tokens * world / max(elapsed, 1e-9), "skipped": window_skipped}  # fmt: skip
@@ -232,10 +239,6 @@ def train_stage(
             sampler.next_epoch()
     bar.close()
     metrics.close()
-    # Which samples this run consumed, per rank (one line per run, so resumes append).
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / f"seen_rank{rank}.jsonl").open("a") as f:
-        f.write(json.dumps(seen_samples) + "\n")
     final = out_dir / "final"
     if step >= total_steps:
         export(engine, tokenizer, final, cfg.zero_stage, rank)

@@ -1,0 +1,175 @@
+"""`omnivmed-train`: train one stage, a chain of stages, or (with no arguments) the demo.
+
+    omnivmed-train                                             # the demo, on CPU
+    omnivmed-train --config stage1.yaml --data train.json --output-dir runs/s1
+    omnivmed-train --stages 1,2,3 --preset tiny --data-dir data/ --output-dir runs/x
+    deepspeed --num_gpus 8 $(which omnivmed-train) --stages 1,2,3 ...
+    deepspeed --hostfile hosts --num_nodes 2 $(which omnivmed-train) ...   # several nodes
+
+With --stages, stage N reads <data-dir>/stageN.json (or .jsonl / .yaml mixture) and starts
+from stage N-1's exported model. Interrupted runs resume from their newest complete
+checkpoint (disable with --no-resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..configs import packaged_config
+from ..training.config import ConfigError, StageConfig, check_stage_order, load_stage_config
+
+logger = logging.getLogger("omnivmed.train")
+
+
+def _find_data(data_dir: Path, stage: int) -> str:
+    for suffix in (".json", ".jsonl", ".yaml", ".yml"):
+        path = data_dir / f"stage{stage}{suffix}"
+        if path.is_file():
+            return str(path)
+    raise ConfigError(f"no data file stage{stage}.json/.jsonl/.yaml in {data_dir}")
+
+
+def plan_stages(args) -> list[StageConfig]:
+    """Every stage's config, validated (files, keys, order) before anything trains."""
+    stages: list[StageConfig] = []
+    if args.config:
+        for i, path in enumerate(args.config):
+            cfg = load_stage_config(path, data=args.data if i == 0 else None,
+                                    output_dir=str(Path(args.output_dir) / Path(path).stem) if args.output_dir else None)  # fmt: skip
+            stages.append(cfg)
+    else:
+        numbers = [int(s) for s in args.stages.split(",")]
+        prefix = "medmvl_stage" if args.recipe == "medmvl" else "stage"
+        for n in numbers:
+            stages.append(load_stage_config(
+                packaged_config(f"{prefix}{n}"),
+                data=_find_data(Path(args.data_dir), n), output_dir=str(Path(args.output_dir) / f"stage{n}"),
+                name=f"stage{n}", init=f"preset:{args.preset}" if n == numbers[0] else "previous",
+            ))  # fmt: skip
+    for override in args.set or []:
+        key, _, value = override.partition("=")
+        for cfg in stages:
+            if key not in cfg.allowed_keys:
+                raise ConfigError(
+                    f"--set {key}: unknown key; allowed keys: {sorted(cfg.allowed_keys)}"
+                )
+            import yaml
+
+            setattr(cfg, key, yaml.safe_load(value))
+    check_stage_order(stages)
+    for cfg in stages:
+        if not Path(cfg.data).is_file():
+            raise ConfigError(f"stage {cfg.name!r}: data file {cfg.data!r} does not exist")
+        if (
+            cfg.init not in ("previous",)
+            and not cfg.init.startswith("preset:")
+            and not Path(cfg.init).is_dir()
+        ):
+            raise ConfigError(
+                f"stage {cfg.name!r}: init {cfg.init!r} is not a preset or a saved model directory"
+            )
+    return stages
+
+
+def run_stages(stages: list[StageConfig], resume: bool = True) -> Path:
+    from ..training.plots import plot_losses
+    from ..training.trainer import train_stage
+
+    previous = None
+    for cfg in stages:
+        if cfg.init == "previous":
+            cfg.init = str(previous)
+        previous = train_stage(cfg, resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        png = plot_losses([Path(c.output_dir) / "metrics.jsonl" for c in stages],
+                          Path(stages[-1].output_dir).parent / "loss_curves.png")  # fmt: skip
+        print(f"loss curves: {png}")
+    return previous
+
+
+def run_demo(output_dir: Path) -> None:
+    from ..demo import build_demo_dataset
+    from ..inference import answer_question
+    from ..models import OmniVMedForConditionalGeneration, VisualKind
+    from ..processing.processor import ProcessorOptions
+
+    start = time.perf_counter()
+    paths = build_demo_dataset(output_dir / "data")
+    print(f"demo data: {output_dir / 'data'}")
+    demo_epochs = {1: 20, 2: 30, 3: 20}
+    stages = []
+    for n in (1, 2, 3):
+        cfg = load_stage_config(packaged_config(f"stage{n}"), data=str(paths[f"stage{n}"]),
+                                output_dir=str(output_dir / f"stage{n}"), name=f"stage{n}",
+                                init="preset:tiny" if n == 1 else "previous")  # fmt: skip
+        cfg.epochs, cfg.max_pixels, cfg.min_pixels, cfg.max_slices, cfg.video_fps = (
+            demo_epochs[n],
+            112 * 112,
+            32 * 32,
+            16,
+            4.0,
+        )
+        cfg.lr = 3e-3
+        cfg.module_lr = {}
+        stages.append(cfg)
+    final = run_stages(stages)
+    from transformers import AutoTokenizer
+
+    model = OmniVMedForConditionalGeneration.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    options = ProcessorOptions(
+        min_pixels=32 * 32, max_pixels=112 * 112, max_slices=16, video_fps=4.0
+    )
+    print("\nquestions after stage 3:")
+    for kind, key, question in ((VisualKind.IMAGE, "image", "What is the imaging modality?"),
+                                (VisualKind.VOLUME, "volume", "What is shown?"),
+                                (VisualKind.VIDEO, "video", "What is shown?")):  # fmt: skip
+        ans = answer_question(model, tokenizer, kind, paths[key], question, options)
+        print(f"- {kind.name.lower():6s} {paths[key].name}: {question!r} -> {ans.text!r}  "
+              f"[visual tokens: {ans.visual_tokens} with pruning, {ans.visual_tokens_unpruned} without]")  # fmt: skip
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; model: {final}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="omnivmed-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--config", nargs="+", help="stage YAML file(s), run in order")
+    parser.add_argument("--data", help="data file for the (first) --config stage")
+    parser.add_argument("--stages", help="comma-separated packaged stages, e.g. 1,2,3")
+    parser.add_argument("--recipe", choices=["omnivmed", "medmvl"], default="omnivmed")
+    parser.add_argument("--preset", default="tiny", help="model preset the first stage starts from")
+    parser.add_argument("--data-dir", help="with --stages: folder holding stageN.json")
+    parser.add_argument("--output-dir", default=None)
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a setting of every stage"
+    )
+    parser.add_argument("--no-resume", action="store_true")
+    parser.add_argument(
+        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # deepspeed launcher
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if not args.config and not args.stages:
+            run_demo(Path(args.output_dir or "omnivmed-demo"))
+            return 0
+        if args.stages and not args.data_dir:
+            raise ConfigError("--stages needs --data-dir")
+        args.output_dir = args.output_dir or "runs/omnivmed"
+        stages = plan_stages(args)
+        run_stages(stages, resume=not args.no_resume)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"omnivmed-train: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
