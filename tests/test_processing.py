@@ -416,3 +416,86 @@ def test_token_budget_batches_and_dataloader_workers(tiny, data_root):
     )
     (batch,) = list(loader)
     assert batch["num_skipped"] == 1 and batch["ids"] == ["mri", "mixed"]
+
+
+def test_regressions_from_review(tmp_path):
+    # fps sampling never rounds past the last frame (60 frames at 29.97 fps, 1 fps)
+    assert max(video_frame_indices(60, 29.97, sample_fps=1.0)) <= 59
+    assert max(video_frame_indices(100, 10.0, sample_fps=3.0, end=4.0)) <= 40
+    # snap_size keeps its area bounds, even when rounding or thin images push past them
+    for args in (
+        (100, 300, 16, 50176, 50176),
+        (20000, 10, 16, 4096, 200704),
+        (48, 64, 8, 4096, 4096),
+    ):
+        h, w = snap_size(*args)
+        assert h % args[2] == 0 and w % args[2] == 0 and args[3] <= h * w <= args[4], (args, h, w)
+    # NIfTI slices use the radiological view, like DICOM: the patient's right (+x in RAS) on the left
+    data = np.zeros((5, 4, 3), np.float32)
+    data[4, :, :] = 1.0  # the rightmost x column
+    data[:, 3, :] += 2.0  # the most anterior y row
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "ras.nii")
+    sl = read_volume(tmp_path / "ras.nii").data[0]
+    assert sl[1:, 0].tolist() == [1.0] * 3 and sl[0, 1:].tolist() == [2.0] * 4
+    # a multi-frame DICOM file gives one slice per frame
+    ds = pydicom.dcmread(ct_slice())
+    frames = np.stack([ds.pixel_array] * 3)
+    ds.NumberOfFrames = 3
+    ds.PixelData = frames.tobytes()
+    ds.save_as(tmp_path / "mf.dcm")
+    assert read_volume(tmp_path / "mf.dcm").data.shape == (3, 128, 128)
+
+
+def test_frame_scope_with_an_empty_last_item():
+    from omnivmed.models.attention import frame_cu_seqlens
+    from omnivmed_ext import frame_positions as fp
+
+    pos = fp(1, 2, 2)
+    cu = torch.tensor([0, 4, 4], dtype=torch.int32)
+    assert frame_cu_seqlens(pos, cu).tolist() == [0, 4]
+
+
+def test_merge_connector_needs_whole_blocks_and_cap_spares_fixed_cost_items(tiny):
+    from omnivmed.models import OmniVMedConfig, build_preset
+    from omnivmed.processing import VisualItem
+
+    with pytest.raises(ValueError, match="prune_unit must be even"):
+        OmniVMedConfig(connector="merge_mlp", prune_unit=1)
+    model, tok = build_preset("tiny-ct-slice_avg")
+    proc = OmniVMedProcessor(
+        model.config, tok, ProcessorOptions(max_visual_tokens=600, prune=False)
+    )
+    volume = VisualItem(VisualKind.VOLUME, torch.randn(32, 3, 64, 64))
+    video = VisualItem(VisualKind.VIDEO, torch.randn(16, 3, 64, 64))
+    volume_out, video_out = proc._fit_token_cap([volume, video])
+    assert volume_out.frames.shape[0] == 32  # slice_avg costs 64 tokens whatever the slices
+    assert video_out.frames.shape[0] == (600 - 64) // 64  # the rest of the budget goes to the video
+
+
+def test_packed_batch_keeps_samples_apart(tiny):
+    from omnivmed.processing import VisualItem
+
+    model, tok = tiny
+    model.eval()
+    items = [
+        VisualItem(VisualKind.IMAGE, torch.randn(1, 3, 16, 16)),
+        VisualItem(VisualKind.IMAGE, torch.randn(1, 3, 24, 16)),
+    ]
+    samples = []
+    for i, item in enumerate(items):
+        visual = pack_visual_items([item], model.config)
+        msgs = expand_markers(to_messages([{"from": "human", "value": "<image> q"}, {"from": "gpt", "value": f"a{i}"}]),
+                              visual.token_counts, model.config.image_token)  # fmt: skip
+        from omnivmed.processing.prompt import tokenize_conversation
+
+        ids, labels = tokenize_conversation(tok, msgs)
+        samples.append({"id": str(i), "input_ids": ids, "labels": labels, "visual": visual})
+    batch = VisualCollator(tok.pad_token_id, packing=True)(samples)
+    batch = {k: v for k, v in batch.items() if k not in ("ids", "num_skipped", "labels")}
+    with torch.no_grad():
+        packed = model(**batch, use_cache=False).logits[0]
+        n0 = samples[0]["input_ids"].numel()
+        alone = model(
+            input_ids=samples[1]["input_ids"][None], **samples[1]["visual"].model_inputs()
+        ).logits[0]
+    torch.testing.assert_close(packed[n0:], alone, rtol=1e-4, atol=1e-4)

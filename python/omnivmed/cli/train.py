@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.stages and not args.data_dir:
             raise ConfigError("--stages needs --data-dir")
-        args.output_dir = args.output_dir or "runs/omnivmed"
+        if args.stages:
+            args.output_dir = args.output_dir or "runs/omnivmed"
         stages = plan_stages(args)
         run_stages(stages, resume=not args.no_resume)
     except (ConfigError, FileNotFoundError) as exc:

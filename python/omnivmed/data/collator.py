@@ -11,8 +11,9 @@ from ..processing.prompt import IGNORE_INDEX
 
 class VisualCollator:
     """`packing=True`: every sample's tokens are concatenated into one row `[1, T]` with
-    `position_ids` restarting at each sample (no padding; attention kernels that honour
-    position_ids, such as flash-attention's varlen path, keep samples apart). Otherwise
+    `position_ids` restarting at each sample and no attention mask (no padding; transformers
+    keeps the samples apart from the position ids when the model runs with
+    use_cache=False). Otherwise
     samples are padded to the longest (`padding_side`). `max_tokens` caps a batch's text
     tokens: a batch over it is an error, so the sampler must respect it."""
 
@@ -41,8 +42,9 @@ class VisualCollator:
         if self.packing:
             batch["input_ids"] = torch.cat([s["input_ids"] for s in kept]).unsqueeze(0)
             batch["labels"] = torch.cat([s["labels"] for s in kept]).unsqueeze(0)
+            # No attention_mask: transformers then detects the packed samples from the restarting
+            # position_ids (run with use_cache=False) and keeps them apart.
             batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
-            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
         else:
             longest = max(lengths)
             ids = torch.full((len(kept), longest), self.pad_token_id, dtype=torch.long)

@@ -72,6 +72,7 @@ def frame_cu_seqlens(positions: torch.Tensor, cu_seqlens: torch.Tensor) -> torch
     starts = torch.zeros(total, dtype=torch.bool, device=positions.device)
     starts[0] = True
     starts[1:] = positions[1:, 0] != positions[:-1, 0]
-    starts[cu_seqlens[:-1].long().clamp(max=total - 1)] = True
+    item_starts = cu_seqlens[:-1].long()
+    starts[item_starts[item_starts < total]] = True  # an empty last item starts nowhere
     idx = starts.nonzero().squeeze(1)
     return torch.cat((idx, idx.new_tensor([total]))).to(torch.int32)

@@ -13,7 +13,7 @@ DEFAULT_ROPE_SECTIONS: dict[int, tuple[int, int, int]] = {
     64: (8, 12, 12),
     72: (4, 16, 16),  # SigLIP so400m (1152 / 16 heads)
     80: (8, 16, 16),
-    96: (16, 16, 16),
+    96: (12, 18, 18),
     128: (16, 24, 24),
 }
 
@@ -226,6 +226,11 @@ class OmniVMedConfig(PretrainedConfig):
                 intermediate_size=self.vision_config.intermediate_size,
                 num_hidden_layers=self.vision_config.num_hidden_layers,
                 num_attention_heads=self.vision_config.num_attention_heads,
+            )
+        if connector == "merge_mlp" and prune_unit % 2:
+            raise ValueError(
+                f"connector 'merge_mlp' merges 2x2 blocks, so pruning must keep whole blocks: "
+                f"prune_unit must be even, got {prune_unit}"
             )
         self.connector = connector
         self.connector_queries = connector_queries

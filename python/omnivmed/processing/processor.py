@@ -100,23 +100,29 @@ class OmniVMedProcessor:
         total = sum(tokens(i) for i in items)
         if total <= cap:
             return items
-        fixed = sum(tokens(i) for i in items if i.frames.shape[0] == 1)
-        multi = [i for i in items if i.frames.shape[0] > 1]
-        share = (cap - fixed) // max(1, len(multi))
-        out = []
-        for item in items:
-            if item.frames.shape[0] > 1:
-                _, _, h, w = item.frames.shape
-                per_frame = visual_token_count(self.config, item.kind, 1, h // ps, w // ps)
-                keep = frames_within_token_cap(
-                    item.frames.shape[0], per_frame, max(share, per_frame)
-                )
-                item = VisualItem(
-                    item.kind,
-                    item.frames[uniform_indices(item.frames.shape[0], keep)],
-                    item.volume3d,
-                )
-            out.append(item)
+
+        # Items whose token count grows with their frames (pruned/rotary volumes, videos) are
+        # thinned; fixed-cost items (slice_avg, slice_attn, encoder3d, a resampler) are not.
+        # Smaller demands are served first, so budget they leave passes to the others.
+        def grows(item):
+            f = item.frames.shape[0]
+            return f > 1 and tokens(VisualItem(item.kind, item.frames[:1])) * f == tokens(item)
+
+        remaining = cap - sum(tokens(i) for i in items if not grows(i))
+        growing = sorted(
+            (i for i, item in enumerate(items) if grows(item)), key=lambda i: tokens(items[i])
+        )
+        out = list(items)
+        for n_left, i in zip(range(len(growing), 0, -1), growing, strict=True):
+            item = items[i]
+            per_frame = tokens(VisualItem(item.kind, item.frames[:1]))
+            keep = frames_within_token_cap(
+                item.frames.shape[0], per_frame, max(remaining // n_left, per_frame)
+            )
+            out[i] = VisualItem(
+                item.kind, item.frames[uniform_indices(item.frames.shape[0], keep)], item.volume3d
+            )
+            remaining -= keep * per_frame
         if sum(tokens(i) for i in out) > cap:
             raise ValueError(
                 f"the sample's images alone give more than max_visual_tokens = {cap} tokens"

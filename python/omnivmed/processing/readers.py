@@ -121,7 +121,8 @@ def read_nifti(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
     except Exception as exc:  # truncated data, bad affine
         raise MediaError(path, f"cannot read the voxel data ({exc})") from exc
     _check_finite(path, data)
-    slices = np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, :])  # [z, y (anterior up), x]
+    # RAS+ -> the radiological view DICOM gives: rows anterior first, columns patient right first.
+    slices = np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, ::-1])
     return Volume(slices, "unknown", (float(zooms[2]), float(zooms[1]), float(zooms[0])), str(path))
 
 
@@ -165,7 +166,18 @@ def read_dicom_series(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
             raise MediaError(f, f"cannot decode the pixel data ({exc})") from exc
         slope = float(ds.get("RescaleSlope", 1.0))
         intercept = float(ds.get("RescaleIntercept", 0.0))
-        slices.append(pixels * slope + intercept)  # CT -> Hounsfield units
+        if (
+            pixels.ndim == 3 and len(headers) == 1
+        ):  # one multi-frame (enhanced) file: frames are slices
+            _check_size(f, pixels.shape, max_bytes)
+            slices.extend(pixels * slope + intercept)
+        elif pixels.ndim != 2:
+            raise MediaError(
+                f,
+                f"expected one 2-D slice per file in a series, got pixel data of shape {pixels.shape}",
+            )
+        else:
+            slices.append(pixels * slope + intercept)  # CT -> Hounsfield units
     data = np.stack(slices)
     _check_finite(path, data)
     first = headers[0][1]
@@ -224,6 +236,7 @@ def video_frame_indices(
         idx = np.arange(first, last + 1, step).round().astype(int).tolist()
     else:
         idx = list(range(first, last + 1))
+    idx = [min(max(i, first), last) for i in idx]  # rounding must not step outside the range
     if max_frames is not None and len(idx) > max_frames:
         keep = np.linspace(0, len(idx) - 1, max_frames).round().astype(int)
         idx = [idx[i] for i in keep]
@@ -242,7 +255,8 @@ def read_video(
 ) -> Video:
     """A video file (decord), or a folder / list of frame images (sorted by name)."""
     if isinstance(path, (list, tuple)) or Path(path).is_dir():
-        return _read_frame_images(path, num_frames=num_frames, max_frames=max_frames)
+        return _read_frame_images(path, sample_fps=sample_fps, num_frames=num_frames, start=start, end=end,
+                                  max_frames=max_frames)  # fmt: skip
     path = Path(path)
     if not path.is_file():
         raise MediaError(path, "file not found")
@@ -273,16 +287,24 @@ def read_video(
     return Video(frames, [i / fps for i in idx], str(path))
 
 
-def _read_frame_images(path, num_frames=None, max_frames=None) -> Video:
-    files = (
-        sorted(Path(path).iterdir())
-        if not isinstance(path, (list, tuple))
-        else [Path(p) for p in path]
-    )
+def _read_frame_images(
+    path, sample_fps=None, num_frames=None, start=None, end=None, max_frames=None
+) -> Video:
+    """Frame images, taken as one frame per second (start/end in seconds = frame numbers)."""
+    if isinstance(path, (list, tuple)):
+        files = [Path(p) for p in path]
+    else:
+        files = sorted(Path(path).iterdir())
     files = [f for f in files if f.is_file()]
     if not files:
         raise MediaError(path, "no frame images")
-    idx = video_frame_indices(len(files), 1.0, num_frames=num_frames, max_frames=max_frames)
+    try:
+        idx = video_frame_indices(
+            len(files), 1.0, sample_fps=None if num_frames else sample_fps,
+            num_frames=num_frames, start=start, end=end, max_frames=max_frames,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise MediaError(path, str(exc)) from exc
     frames = []
     for i in idx:
         img = read_image(files[i])

@@ -29,7 +29,42 @@ def snap_size(
         scale = math.sqrt(min_pixels / (height * width))
         h = math.ceil(height * scale / multiple) * multiple
         w = math.ceil(width * scale / multiple) * multiple
+    # Rounding can overshoot either bound: step the longer side down / the shorter side up.
+    while h * w > max_pixels and max(h, w) > multiple:
+        if h >= w:
+            h -= multiple
+        else:
+            w -= multiple
+    while h * w < min_pixels:
+        if h <= w:
+            h += multiple
+        else:
+            w += multiple
+    if h * w > max_pixels:
+        h, w = _closest_in_range(height / width, multiple, min_pixels, max_pixels)
     return h, w
+
+
+def _closest_in_range(
+    aspect: float, multiple: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """Tight budgets: the grid-aligned size with an area in range whose aspect is closest."""
+    best = None
+    for h in range(multiple, max_pixels // multiple + 1, multiple):
+        low = math.ceil(min_pixels / h / multiple) * multiple
+        high = (max_pixels // h) // multiple * multiple
+        for w in {max(low, multiple), high, max(multiple, round(h / aspect / multiple) * multiple)}:
+            if w < multiple or not min_pixels <= h * w <= max_pixels:
+                continue
+            score = abs(math.log((h / w) / aspect))
+            if best is None or score < best[0]:
+                best = (score, h, w)
+    if best is None:
+        raise ValueError(
+            f"no size with sides that are multiples of {multiple} has an area in "
+            f"[{min_pixels}, {max_pixels}] (aspect {aspect:.3f})"
+        )
+    return best[1], best[2]
 
 
 def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -200,9 +200,13 @@ def train_stage(
             batch.pop("ids")
             if "input_ids" not in batch:
                 continue
-            window_tokens += int(batch["attention_mask"].sum())
+            window_tokens += (
+                int(batch["attention_mask"].sum())
+                if "attention_mask" in batch
+                else batch["input_ids"].numel()
+            )
             batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            loss = engine(**batch).loss
+            loss = engine(**batch, use_cache=False).loss
             engine.backward(loss)
             engine.step()
             window_loss.append(float(loss.detach()))
@@ -240,10 +244,31 @@ def train_stage(
     bar.close()
     metrics.close()
     final = out_dir / "final"
+    write_fingerprint(engine, out_dir / f"fingerprint_rank{rank}.json", cfg.zero_stage, step)
     if step >= total_steps:
         export(engine, tokenizer, final, cfg.zero_stage, rank)
     barrier()
     return final
+
+
+def write_fingerprint(engine, path: Path, zero_stage: int, step: int) -> None:
+    """Every rank's view of the full parameters, reduced to a checksum: ranks that trained
+    in lockstep write identical files."""
+    import hashlib
+
+    import deepspeed
+
+    model = engine.module
+    params = list(model.parameters()) if zero_stage == 3 else []
+    digest = hashlib.sha256()
+    total = 0.0
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage == 3):
+        for name, p in sorted(model.named_parameters()):
+            data = p.detach().float().cpu().contiguous()
+            digest.update(name.encode())
+            digest.update(data.numpy().tobytes())
+            total += float(data.double().sum())
+    path.write_text(json.dumps({"step": step, "sha256": digest.hexdigest(), "sum": total}))
 
 
 def export(engine, tokenizer, path: Path, zero_stage: int, rank: int) -> None:
