@@ -1,0 +1,79 @@
+"""Training throughput on the demo mixture: stage 3 (images, volumes and videos) with
+pruning at 0.1 vs without, same data, same steps.
+
+    python benchmarks/bench_train.py [--steps 20]
+
+Reports samples/s, volumes+videos per second, text and visual tokens per second and peak
+memory (CPU RSS, or GPU memory on a GPU). Stage 3 trains every parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _timing import print_table, write_results
+
+from omnivmed.configs import packaged_config
+from omnivmed.demo import build_demo_dataset
+from omnivmed.training.config import load_stage_config
+from omnivmed.training.trainer import train_stage
+
+
+def run(data: Path, out: Path, prune: bool, steps: int) -> dict:
+    cfg = load_stage_config(packaged_config("stage3"), data=str(data), output_dir=str(out), name="stage3",
+                            init="preset:tiny")  # fmt: skip
+    cfg.prune, cfg.max_steps, cfg.max_pixels, cfg.min_pixels, cfg.max_slices, cfg.video_fps = (
+        prune,
+        steps,
+        112 * 112,
+        32 * 32,
+        16,
+        4.0,
+    )
+    cfg.save_every = 10**9
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    train_stage(cfg, resume=False)
+    elapsed = time.perf_counter() - start
+    records = [json.loads(x) for x in (out / "samples_rank0.jsonl").read_text().splitlines()]
+    ids = [s for r in records for s in r["samples"]]
+    volumes_videos = sum(1 for s in ids if s.startswith(("s3-mri", "s3-ct", "s3-endoscopy")))
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
+    return {"prune": prune, "steps": steps, "seconds": elapsed, "samples_per_s": len(ids) / elapsed,
+            "volumes_videos_per_s": volumes_videos / elapsed,
+            "text_tokens_per_s": sum(m["tokens_per_s"] for m in metrics) / len(metrics),
+            "peak_memory_mib": peak}  # fmt: skip
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = build_demo_dataset(Path(tmp) / "data")
+        rows = [run(paths["stage3"], Path(tmp) / f"run{p}", p, args.steps) for p in (False, True)]
+    off, on = rows
+    on["speedup_volumes_videos"] = on["volumes_videos_per_s"] / off["volumes_videos_per_s"]
+    print_table(rows, [("prune", "prune", ""), ("samples_per_s", "samples/s", ".2f"),
+                       ("volumes_videos_per_s", "vol+video/s", ".2f"), ("text_tokens_per_s", "text tok/s", ".0f"),
+                       ("peak_memory_mib", "peak MiB", ".0f")])  # fmt: skip
+    print(f"volumes+videos per second, pruning on / off: {on['speedup_volumes_videos']:.2f}x")
+    if not args.no_save:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        print(f"wrote {write_results('train', device, rows)}")
+
+
+if __name__ == "__main__":
+    main()
