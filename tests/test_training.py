@@ -206,3 +206,22 @@ def test_stage_order_and_chain_checks(tmp_path, tiny_data):
             [load_stage_config(ROOT / "python/omnivmed/configs/stage2.yaml", data=str(tiny_data))]
         )
     assert torch.__version__  # keeps the import used
+
+
+def test_lora_trains_adapters_and_exports_a_merged_model(tmp_path, tiny_data):
+    pytest.importorskip("peft")
+    from omnivmed.models import OmniVMedForConditionalGeneration
+    from omnivmed.training import train_stage
+
+    cfg = StageConfig(name="lora", data=str(tiny_data), output_dir=str(tmp_path / "out"), lr=3e-3, epochs=3,
+                      trainable=["connector", "language_model"], lora={"r": 4, "alpha": 8},
+                      max_pixels=1024, min_pixels=1024)  # fmt: skip
+    final = train_stage(cfg)
+    losses = [r["loss"] for r in steps(tmp_path / "out")]
+    assert losses[-1] < losses[0]
+    from safetensors.torch import load_file
+
+    keys = load_file(str(final / "model.safetensors")).keys()
+    assert not any("lora_" in k for k in keys)  # merged on export
+    model = OmniVMedForConditionalGeneration.from_pretrained(final)
+    assert model.language_model.__class__.__name__ == "Qwen2ForCausalLM"

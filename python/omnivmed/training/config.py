@@ -50,6 +50,7 @@ class StageConfig:
     keep_last: int = 2
     seed: int = 0
     on_error: str = "raise"
+    lora: dict[str, Any] | None = None  # e.g. {r: 16, alpha: 32, dropout: 0.05}
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.trainable + list(self.module_lr) if m not in MODULES]
@@ -68,6 +69,12 @@ class StageConfig:
             raise ConfigError(
                 f"stage {self.name!r}: warmup_ratio must be in [0, 1), got {self.warmup_ratio}"
             )
+        if self.lora is not None:
+            bad = sorted(set(self.lora) - {"r", "alpha", "dropout", "target_modules"})
+            if bad:
+                raise ConfigError(
+                    f"stage {self.name!r}: unknown lora keys {bad}; allowed: r, alpha, dropout, target_modules"
+                )
         if self.on_error not in ("raise", "skip"):
             raise ConfigError(f"stage {self.name!r}: on_error must be 'raise' or 'skip'")
 

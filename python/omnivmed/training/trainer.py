@@ -48,12 +48,37 @@ def load_initial_model(cfg: StageConfig):
     )
 
 
+def apply_lora(model, cfg: StageConfig) -> None:
+    """Wrap the LLM with LoRA adapters (peft); its base weights stay frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    spec = cfg.lora or {}
+    lora = LoraConfig(
+        r=int(spec.get("r", 16)),
+        lora_alpha=int(spec.get("alpha", 32)),
+        lora_dropout=float(spec.get("dropout", 0.0)),
+        target_modules=spec.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        task_type="CAUSAL_LM",
+    )
+    model.language_model = get_peft_model(model.language_model, lora)
+
+
+def merge_lora(model) -> None:
+    """Fold the adapters into the LLM's weights, so the export is a plain model."""
+    from peft import PeftModel
+
+    if isinstance(model.language_model, PeftModel):
+        model.language_model = model.language_model.merge_and_unload()
+
+
 def param_groups(model, cfg: StageConfig) -> list[dict[str, Any]]:
     groups = []
     for name, module in model.named_children():
         trainable = name in cfg.trainable
-        for p in module.parameters():
-            p.requires_grad_(trainable)
+        for pname, p in module.named_parameters():
+            # With LoRA, the LLM trains through its adapters only.
+            lora_llm = name == "language_model" and cfg.lora is not None
+            p.requires_grad_(trainable and (not lora_llm or "lora_" in pname))
         if not trainable:
             continue
         params = [p for p in module.parameters() if p.requires_grad]
@@ -156,6 +181,8 @@ def train_stage(
     dataset = build_dataset(cfg, model, tokenizer)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.lora is not None:
+        apply_lora(model, cfg)
     groups = param_groups(model, cfg)
     sampler = ResumableShardedSampler(len(dataset), rank, world, cfg.seed)
     micro_per_epoch = sampler.per_rank // cfg.micro_batch_size
@@ -279,5 +306,6 @@ def export(engine, tokenizer, path: Path, zero_stage: int, rank: int) -> None:
     params = list(model.parameters()) if zero_stage == 3 else []
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage == 3):
         if rank == 0:
+            merge_lora(model)
             model.save_pretrained(path, safe_serialization=True)
             tokenizer.save_pretrained(path)
