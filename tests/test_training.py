@@ -225,3 +225,43 @@ def test_lora_trains_adapters_and_exports_a_merged_model(tmp_path, tiny_data):
     assert not any("lora_" in k for k in keys)  # merged on export
     model = OmniVMedForConditionalGeneration.from_pretrained(final)
     assert model.language_model.__class__.__name__ == "Qwen2ForCausalLM"
+
+
+def test_accumulation_resume_and_fresh_start_in_process(tmp_path, tiny_data):
+    from omnivmed.training import train_stage
+
+    def cfg(out, **kw):
+        return StageConfig(name="acc", data=str(tiny_data), output_dir=str(out), lr=3e-3, epochs=2, grad_accum=2,
+                           save_every=1, trainable=["connector", "language_model"], max_pixels=1024,
+                           min_pixels=1024, **kw)  # fmt: skip
+
+    train_stage(cfg(tmp_path / "whole"))
+    assert [r["step"] for r in steps(tmp_path / "whole")] == [1, 2, 3, 4]  # 16 samples / 2 / 2
+    assert all(len(s) == 4 for s in samples(tmp_path / "whole"))  # 2 micro-batches of 2 per step
+    train_stage(cfg(tmp_path / "split"), stop_after_steps=1)
+    train_stage(cfg(tmp_path / "split"))
+    assert fingerprint(tmp_path / "split") == fingerprint(tmp_path / "whole")
+    assert samples(tmp_path / "split") == samples(tmp_path / "whole")
+    # resume=False starts over: old checkpoints and logs go first
+    train_stage(cfg(tmp_path / "split", max_steps=1), resume=False)
+    assert [r["step"] for r in steps(tmp_path / "split")] == [1]
+    assert [p.name for p in (tmp_path / "split" / "checkpoints").glob("step-*")] == ["step-1"]
+
+
+def test_cli_overrides_are_validated(tmp_path, tiny_data):
+    from omnivmed.cli.train import main, plan_stages
+
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, tmp_path / "o")
+    assert main(["--config", str(cfg), "--set", "zero_stage=7"]) == 2
+    assert main(["--config", str(cfg), "--set", "lr"]) == 2
+    assert main(["--config", str(cfg), "--set", "grad_accum=0"]) == 2
+    assert main(["--config", str(cfg), str(cfg)]) == 2  # two stages, one output dir
+    import argparse
+
+    args = argparse.Namespace(
+        config=[str(cfg)], data=None, output_dir=None, set=["lr=1e-3", "max_steps=50"]
+    )
+    (stage,) = plan_stages(args)
+    assert stage.lr == 0.001 and stage.max_steps == 50
+    with pytest.raises(ConfigError, match="lr must be float"):
+        StageConfig(name="x", lr="fast")

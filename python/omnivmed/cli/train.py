@@ -14,11 +14,14 @@ checkpoint (disable with --no-resume).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 from ..configs import packaged_config
 from ..training.config import ConfigError, StageConfig, check_stage_order, load_stage_config
@@ -51,17 +54,22 @@ def plan_stages(args) -> list[StageConfig]:
                 data=_find_data(Path(args.data_dir), n), output_dir=str(Path(args.output_dir) / f"stage{n}"),
                 name=f"stage{n}", init=f"preset:{args.preset}" if n == numbers[0] else "previous",
             ))  # fmt: skip
-    for override in args.set or []:
-        key, _, value = override.partition("=")
-        for cfg in stages:
-            if key not in cfg.allowed_keys:
-                raise ConfigError(
-                    f"--set {key}: unknown key; allowed keys: {sorted(cfg.allowed_keys)}"
-                )
-            import yaml
-
-            setattr(cfg, key, yaml.safe_load(value))
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        if stages and key not in stages[0].allowed_keys:
+            raise ConfigError(
+                f"--set {key}: unknown key; allowed keys: {sorted(stages[0].allowed_keys)}"
+            )
+        overrides[key] = yaml.safe_load(value)
+    if overrides:  # rebuilt, so every rule and conversion of the config applies again
+        stages = [dataclasses.replace(cfg, **overrides) for cfg in stages]
     check_stage_order(stages)
+    outputs = [str(Path(c.output_dir).resolve()) for c in stages]
+    if len(set(outputs)) != len(outputs):
+        raise ConfigError(f"stages share an output_dir ({outputs}); give each stage its own")
     for cfg in stages:
         if not Path(cfg.data).is_file():
             raise ConfigError(f"stage {cfg.name!r}: data file {cfg.data!r} does not exist")

@@ -17,8 +17,9 @@ from .distributed import barrier
 
 
 def rng_state() -> dict[str, Any]:
+    """This rank's generators (the current CUDA device only)."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}  # fmt: skip
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}  # fmt: skip
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -26,7 +27,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -48,6 +49,9 @@ def save_checkpoint(
         shutil.rmtree(root / tmp_tag)
     barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
+    # Every rank's own generators (DeepSpeed keeps client_state from rank 0 only). The folder
+    # is shared storage in a multi-node run.
+    torch.save(rng_state(), root / tmp_tag / f"rng_rank{rank}.pt")
     barrier()
     if rank == 0:
         if final.exists():
@@ -64,8 +68,9 @@ def save_checkpoint(
     return final
 
 
-def load_latest(engine, root: Path) -> dict[str, Any] | None:
-    """Restore the newest complete checkpoint; None when there is none."""
+def load_latest(engine, root: Path, rank: int = 0) -> dict[str, Any] | None:
+    """Restore the newest complete checkpoint; None when there is none. The returned client
+    state carries this rank's RNG state under "rng"."""
     found = complete_checkpoints(root)
     if not found:
         return None
@@ -74,4 +79,10 @@ def load_latest(engine, root: Path) -> dict[str, Any] | None:
                                        load_lr_scheduler_states=True)  # fmt: skip
     if client is None:
         raise RuntimeError(f"checkpoint {path} could not be loaded")
+    rng_file = path / f"rng_rank{rank}.pt"
+    if not rng_file.is_file():
+        raise RuntimeError(
+            f"checkpoint {path} lacks {rng_file.name}: was it written by a different number of ranks?"
+        )
+    client["rng"] = torch.load(rng_file, weights_only=False)
     return client

@@ -26,7 +26,7 @@ class StageConfig:
     init: str = "preset:tiny"
     data: str = ""
     data_root: str | None = None
-    output_dir: str = "runs/stage"
+    output_dir: str = ""  # default: runs/<name>
     trainable: list[str] = field(default_factory=lambda: ["vision_tower", "connector"])
     lr: float = 1e-3
     module_lr: dict[str, float] = field(default_factory=dict)
@@ -53,6 +53,17 @@ class StageConfig:
     lora: dict[str, Any] | None = None  # e.g. {r: 16, alpha: 32, dropout: 0.05}
 
     def __post_init__(self) -> None:
+        self._coerce_types()
+        if not self.output_dir:
+            self.output_dir = f"runs/{self.name}"
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(
+                f"stage {self.name!r}: max_steps must be positive, got {self.max_steps}"
+            )
+        if self.keep_last < 1:
+            raise ConfigError(
+                f"stage {self.name!r}: keep_last must be at least 1, got {self.keep_last}"
+            )
         unknown = [m for m in self.trainable + list(self.module_lr) if m not in MODULES]
         if unknown:
             raise ConfigError(
@@ -77,6 +88,29 @@ class StageConfig:
                 )
         if self.on_error not in ("raise", "skip"):
             raise ConfigError(f"stage {self.name!r}: on_error must be 'raise' or 'skip'")
+
+    def _coerce_types(self) -> None:
+        """YAML reads 1e-3 as a string and users write 2 for 2.0: convert numbers, and say
+        clearly which field has a value of the wrong kind."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if value is None and "None" in kind:
+                continue
+            try:
+                if kind.startswith("float"):
+                    setattr(self, f.name, float(value))
+                elif kind.startswith("int"):
+                    if isinstance(value, bool) or float(value) != int(float(value)):
+                        raise ValueError
+                    setattr(self, f.name, int(float(value)))
+                elif (kind == "bool" and not isinstance(value, bool)) or (
+                    kind.startswith("list") and not isinstance(value, list)
+                ):
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"stage {self.name!r}: {f.name} must be {kind}, got {value!r}"
+                ) from None
 
     @property
     def allowed_keys(self) -> list[str]:

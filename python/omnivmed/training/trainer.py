@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..data import InstructionDataset, VisualCollator, load_mixture, load_records
 from ..models import OmniVMedForConditionalGeneration, build_preset
 from ..processing.processor import OmniVMedProcessor, ProcessorOptions
-from .checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_latest, save_checkpoint, set_rng_state
 from .config import ConfigError, StageConfig, check_data
 from .distributed import barrier, init_distributed
 from .sampler import ResumableShardedSampler
@@ -46,6 +46,27 @@ def load_initial_model(cfg: StageConfig):
     return OmniVMedForConditionalGeneration.from_pretrained(path), AutoTokenizer.from_pretrained(
         path
     )
+
+
+def start_fresh(out_dir: Path, rank: int) -> None:
+    """A run that must not resume removes the previous run's checkpoints and logs first."""
+    import shutil
+
+    if rank == 0 and out_dir.exists():
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        for pattern in ("metrics.jsonl", "samples_rank*.jsonl", "fingerprint_rank*.json"):
+            for f in out_dir.glob(pattern):
+                f.unlink()
+    barrier()
+
+
+def _all_ranks_have_data(has_data: bool) -> bool:
+    flag = torch.tensor([1 if has_data else 0], dtype=torch.int32)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def apply_lora(model, cfg: StageConfig) -> None:
@@ -190,9 +211,8 @@ def train_stage(
     if steps_per_epoch == 0:
         raise ConfigError(f"stage {cfg.name!r}: {len(dataset)} samples make no optimizer step with "
                           f"{world} ranks x micro batch {cfg.micro_batch_size} x accumulation {cfg.grad_accum}")  # fmt: skip
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    # max_steps, when given, is the length of the stage (epochs then only seed the data order).
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total_steps, cfg.warmup_ratio)
@@ -202,9 +222,14 @@ def train_stage(
     collate = VisualCollator(tokenizer.pad_token_id, padding_side="right")
     step, seen_samples = 0, []
     ckpt_root = out_dir / "checkpoints"
-    if resume:
-        client = load_latest(engine, ckpt_root)
+    if not resume:
+        start_fresh(out_dir, rank)
+    else:
+        client = load_latest(engine, ckpt_root, rank)
         if client is not None:
+            if client.get("stage") != cfg.name:
+                raise ConfigError(f"{ckpt_root} holds checkpoints of stage {client.get('stage')!r}, not "
+                                  f"{cfg.name!r}; give each stage its own output_dir")  # fmt: skip
             step = client["step"]
             sampler.load_state_dict(client["sampler"])
             set_rng_state(client["rng"])
@@ -222,11 +247,14 @@ def train_stage(
     while not done:
         for indices in sampler.batches(cfg.micro_batch_size):
             batch = collate([dataset[i] for i in indices])
-            seen_samples.extend(batch["ids"])
             window_skipped += batch.pop("num_skipped")
-            batch.pop("ids")
-            if "input_ids" not in batch:
+            kept_ids = batch.pop("ids")
+            if not _all_ranks_have_data("input_ids" in batch):
+                # Every rank skips this micro-batch together, so they stay in lockstep; what
+                # this rank held is counted as skipped, never dropped silently.
+                window_skipped += len(kept_ids)
                 continue
+            seen_samples.extend(kept_ids)
             window_tokens += (
                 int(batch["attention_mask"].sum())
                 if "attention_mask" in batch
@@ -235,9 +263,11 @@ def train_stage(
             batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             loss = engine(**batch, use_cache=False).loss
             engine.backward(loss)
+            # Asked before step(): DeepSpeed advances its micro-step counter inside step().
+            boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
             window_loss.append(float(loss.detach()))
-            if not engine.is_gradient_accumulation_boundary():
+            if not boundary:
                 continue
             step += 1
             run_steps += 1
@@ -259,7 +289,7 @@ def train_stage(
             window_loss, window_tokens, window_skipped, t0 = [], 0, 0, time.perf_counter()
             if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
                 save_checkpoint(engine, ckpt_root, step,
-                                {"step": step, "sampler": sampler.state_dict(), "rng": rng_state()},
+                                {"step": step, "stage": cfg.name, "sampler": sampler.state_dict()},
                                 cfg.keep_last, rank)  # fmt: skip
             if step >= total_steps or (
                 stop_after_steps is not None and run_steps >= stop_after_steps
