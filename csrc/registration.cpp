@@ -7,6 +7,14 @@ TORCH_LIBRARY(omnivmed, m) {
   m.def(
       "rope_nd(Tensor x, Tensor positions, int[] sections, float theta=10000.0, "
       "bool inverse=False) -> Tensor");
+  // Bidirectional attention inside each packed item with rope_nd applied to q and k.
+  m.def(
+      "rope_attention(Tensor q, Tensor k, Tensor v, Tensor positions, Tensor cu_seqlens, "
+      "int max_seqlen, int[] sections, float theta=10000.0, float? softmax_scale=None) -> Tensor");
+  m.def(
+      "rope_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor positions, "
+      "Tensor cu_seqlens, int max_seqlen, int[] sections, float theta, float? softmax_scale) -> "
+      "(Tensor dq, Tensor dk, Tensor dv)");
   // Medical-aware token pruning (see csrc/prune/prune_math.h). Returns the keep mask
   // [F, N], kept flat indices [K], their (t, h, w) positions [K, 3], the new cu_seqlens
   // [B+1] and the kept values [K, P]; K depends on the data.

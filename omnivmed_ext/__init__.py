@@ -5,6 +5,8 @@ give clear errors):
 
 - :func:`rope_nd`: multi-axis rotary position embedding over (t, h, w), forward and
   backward.
+- :func:`rope_attention`: attention inside each packed item with rotary q/k (today
+  `rope_nd` + scaled-dot-product attention per item on CPU and CUDA).
 - :func:`l1_prune` / :func:`l1_prune_padded`: medical-aware token pruning of repeated
   slices and frames, with compaction (the padded form never synchronises with a GPU).
 
@@ -13,6 +15,7 @@ Pure-PyTorch references live in :mod:`omnivmed_ext.reference`; position helpers 
 """
 
 from ._library import built_with_cuda, cuda_archs, library_loaded
+from .attention import rope_attention
 from .positions import (
     ItemGrid,
     PackedPositions,
@@ -42,5 +45,6 @@ __all__ = [
     "lengths_from_cu_seqlens",
     "library_loaded",
     "packed_positions",
+    "rope_attention",
     "rope_nd",
 ]

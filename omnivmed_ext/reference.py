@@ -6,6 +6,7 @@ and are the eager baselines of the benchmarks. Tests run them in float64 as grou
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -131,3 +132,31 @@ def l1_prune_reference(
     cu_seqlens = kept_before[torch.tensor(cu, device=patches.device)].to(torch.int32)
     result = PruneResult(keep, index, positions, cu_seqlens, patches.reshape(-1, values)[index])
     return (result, sums_all) if return_sums else result
+
+
+def rope_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    sections: Sequence[int],
+    theta: float = 10000.0,
+    softmax_scale: float | None = None,
+    *,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Rotate q and k (`rope_nd_reference`), then softmax attention per item, eagerly."""
+    dtype = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    rq = rope_nd_reference(q.to(dtype), positions, sections, theta)
+    rk = rope_nd_reference(k.to(dtype), positions, sections, theta)
+    vv = v.to(dtype)
+    out = torch.zeros_like(vv)
+    bounds = cu_seqlens.tolist()
+    for a, b in itertools.pairwise(bounds):
+        if b == a:
+            continue
+        scores = torch.einsum("qhd,khd->hqk", rq[a:b], rk[a:b]) * scale
+        out[a:b] = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), vv[a:b])
+    return out.to(q.dtype)

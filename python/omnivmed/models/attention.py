@@ -1,8 +1,8 @@
 """Variable-length rotary attention over packed items.
 
-Uses `omnivmed_ext.rope_attention` when the compiled library provides it; otherwise
-`rope_nd` on q and k, then PyTorch's scaled dot-product attention per item (or one call
-with a block-diagonal mask when the pack is small).
+Uses the `omnivmed_ext.rope_attention` op for the head dims it supports (64, 72, 80, 96,
+128); otherwise, or with dropout, `rope_nd` on q and k, then PyTorch's scaled dot-product
+attention per item (or one call with a block-diagonal mask when the pack is small).
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ def varlen_rotary_attention(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """q, k, v `[L, H, D]`; bidirectional attention inside each item of `cu_seqlens`."""
-    fused = getattr(omnivmed_ext, "rope_attention", None)
-    if fused is not None and dropout_p == 0.0:
-        return fused(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta)
+    if dropout_p == 0.0 and q.shape[-1] in omnivmed_ext.attention.SUPPORTED_HEAD_DIMS:
+        return omnivmed_ext.rope_attention(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta)
     q = omnivmed_ext.rope_nd(q, positions, sections, theta)
     k = omnivmed_ext.rope_nd(k, positions, sections, theta)
     total = q.shape[0]
