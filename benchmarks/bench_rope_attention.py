@@ -1,0 +1,141 @@
+"""rope_attention against B0 = HF Qwen2-VL-style eager rotary (cos/sin tables,
+rotate_half) + SDPA per item, and B1 = our rope_nd + the best varlen attention available
+here (flash-attn's varlen kernel if installed, else SDPA per item). Forward and
+forward+backward, TFLOP/s counted with the true head dim.
+
+    python benchmarks/bench_rope_attention.py --device cuda
+    python benchmarks/bench_rope_attention.py            # CPU: small sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+from _timing import print_table, time_call, write_results
+
+import omnivmed_ext
+
+try:  # B1 uses flash-attn's varlen kernel when the environment has it
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+
+def sections_for(d: int) -> list[int]:
+    half = d // 2
+    t = half // 4
+    return [t, (half - t) // 2, half - t - (half - t) // 2]
+
+
+def qwen2vl_rotary(x, positions, sections, theta=10000.0):
+    """B0's rotary: the eager HF Qwen2-VL style (tables, rotate_half, several kernels)."""
+    half = x.shape[-1] // 2
+    freqs = []
+    for axis, count in enumerate(sections):
+        inv = 1.0 / theta ** (
+            torch.arange(count, device=x.device, dtype=torch.float32) / max(count, 1)
+        )
+        freqs.append(positions[:, axis : axis + 1].float() * inv)
+    emb = torch.cat(freqs, dim=-1)
+    emb = torch.cat((emb, emb), dim=-1)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * emb.cos() + rotated.float() * emb.sin()).to(x.dtype)
+
+
+def per_item_sdpa(q, k, v, bounds):
+    outs = [
+        F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None],
+                                       v[a:b].transpose(0, 1)[None])[0].transpose(0, 1)
+        for a, b in itertools.pairwise(bounds)
+    ]  # fmt: skip
+    return torch.cat(outs)
+
+
+def b0(q, k, v, pos, cu, max_len, sections):
+    return per_item_sdpa(
+        qwen2vl_rotary(q, pos, sections), qwen2vl_rotary(k, pos, sections), v, cu.tolist()
+    )
+
+
+def b1(q, k, v, pos, cu, max_len, sections):
+    rq = omnivmed_ext.rope_nd(q, pos, sections)
+    rk = omnivmed_ext.rope_nd(k, pos, sections)
+    if flash_attn_varlen_func is not None and q.is_cuda and q.dtype != torch.float32:
+        return flash_attn_varlen_func(rq, rk, v, cu, cu, max_len, max_len)
+    return per_item_sdpa(rq, rk, v, cu.tolist())
+
+
+def ours(q, k, v, pos, cu, max_len, sections):
+    return omnivmed_ext.rope_attention(q, k, v, pos, cu, max_len, sections)
+
+
+def bench(device, dtype, item_len, total, heads, d, args) -> dict:
+    items = max(1, total // item_len)
+    lengths = [item_len] * items
+    cu = omnivmed_ext.cu_seqlens_from_lengths(lengths, device=device)
+    length = sum(lengths)
+    pos = torch.randint(0, 64, (length, 3), dtype=torch.int32, device=device)
+    sections = sections_for(d)
+    q, k, v = (
+        torch.randn(length, heads, d, device=device, dtype=dtype, requires_grad=True)
+        for _ in range(3)
+    )
+    flops_fwd = 4 * items * item_len * item_len * heads * d
+    row = {
+        "dtype": str(dtype).split(".")[-1],
+        "item_len": item_len,
+        "items": items,
+        "H": heads,
+        "D": d,
+    }
+    for name, fn in (("B0", b0), ("B1", b1), ("ours", ours)):
+        fwd = time_call(lambda i, fn=fn: fn(q, k, v, pos, cu, item_len, sections), device,
+                        warmup=args.warmup, iters=args.iters)["median_ms"]  # fmt: skip
+
+        def step(i, fn=fn):
+            out = fn(q, k, v, pos, cu, item_len, sections)
+            out.backward(torch.ones_like(out))
+
+        both = time_call(step, device, warmup=args.warmup, iters=args.iters)["median_ms"]
+        row[f"{name}_fwd_ms"], row[f"{name}_fwdbwd_ms"] = fwd, both
+        row[f"{name}_fwd_tflops"] = flops_fwd / fwd / 1e9
+        row[f"{name}_fwdbwd_tflops"] = 3.5 * flops_fwd / both / 1e9  # backward ~2.5x forward
+    row["fwdbwd_vs_B0"] = row["B0_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+    row["fwdbwd_vs_B1"] = row["B1_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+    return row
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.iters = args.iters or (50 if gpu else 5)
+    args.warmup = args.warmup or (10 if gpu else 2)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    lengths, total, heads = ((256, 1024, 4096, 16384), 65536, 16) if gpu else ((256, 1024), 2048, 4)
+    rows = [
+        bench(device, dtype, n, total, heads, d, args) for n in lengths for d in (64, 72, 80, 128)
+    ]
+    print_table(rows, [("item_len", "item len", "d"), ("D", "D", "d"), ("B0_fwdbwd_ms", "B0 ms", ".2f"),
+                       ("B1_fwdbwd_ms", "B1 ms", ".2f"), ("ours_fwdbwd_ms", "ours ms", ".2f"),
+                       ("ours_fwdbwd_tflops", "ours TF/s", ".3f"), ("fwdbwd_vs_B0", "x B0", ".2f"),
+                       ("fwdbwd_vs_B1", "x B1", ".2f")])  # fmt: skip
+    if not args.no_save:
+        print(
+            f"wrote {write_results('rope_attention', device, rows, {'flash_attn': flash_attn_varlen_func is not None})}"
+        )
+
+
+if __name__ == "__main__":
+    main()
