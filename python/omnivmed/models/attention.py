@@ -31,7 +31,9 @@ def varlen_rotary_attention(
 ) -> torch.Tensor:
     """q, k, v `[L, H, D]`; bidirectional attention inside each item of `cu_seqlens`."""
     if dropout_p == 0.0 and q.shape[-1] in omnivmed_ext.attention.SUPPORTED_HEAD_DIMS:
-        return omnivmed_ext.rope_attention(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta)
+        return omnivmed_ext.rope_attention(
+            q, k, v, positions, cu_seqlens, max_seqlen, sections, theta
+        )
     q = omnivmed_ext.rope_nd(q, positions, sections, theta)
     k = omnivmed_ext.rope_nd(k, positions, sections, theta)
     total = q.shape[0]
