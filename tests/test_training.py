@@ -265,3 +265,26 @@ def test_cli_overrides_are_validated(tmp_path, tiny_data):
     assert stage.lr == 0.001 and stage.max_steps == 50
     with pytest.raises(ConfigError, match="lr must be float"):
         StageConfig(name="x", lr="fast")
+
+
+def test_deepspeed_launcher_runs_two_ranks(tmp_path, tiny_data):
+    bin_dir = Path(sys.executable).parent
+    launcher, script = bin_dir / "deepspeed", bin_dir / "omnivmed-train"
+    if not (launcher.exists() and script.exists()):
+        pytest.skip("needs the installed omnivmed-train console script and the deepspeed launcher")
+    out = tmp_path / "ds"
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, out, epochs=2, save_every=0)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env["PATH"] = f"{bin_dir}:{env.get('PATH', '')}"
+    proc = subprocess.run(
+        [str(launcher), "--num_accelerators", "2", "--master_port", "29541", str(script), "--config", str(cfg)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert fingerprint(out, 0) == fingerprint(out, 1)
+    for a, b in zip(samples(out, 0), samples(out, 1), strict=True):
+        assert not set(a) & set(b)
