@@ -68,24 +68,6 @@ def _check_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> list
     return bounds
 
 
-def _composite(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale):
-    bounds = _check_values(cu_seqlens, q.shape[0], max_seqlen)
-    rq = torch.ops.omnivmed.rope_nd.default(q, positions, list(sections), float(theta), False)
-    rk = torch.ops.omnivmed.rope_nd.default(k, positions, list(sections), float(theta), False)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    for a, b in itertools.pairwise(bounds):
-        if b == a:
-            continue
-        # [n, H, D] -> [1, H, n, D]
-        o = F.scaled_dot_product_attention(
-            rq[a:b].transpose(0, 1).unsqueeze(0), rk[a:b].transpose(0, 1).unsqueeze(0),
-            v[a:b].transpose(0, 1).unsqueeze(0), scale=scale,
-        )  # fmt: skip
-        out[a:b] = o.squeeze(0).transpose(0, 1)
-    return out
-
-
 def rope_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -118,7 +100,7 @@ def _kernel(
     q, k, v, positions, cu_seqlens, max_seqlen, sections, theta=10000.0, softmax_scale=None
 ):
     check_rope_attention_args(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta)
-    return _composite(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale)
+    return _attend(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale)
 
 
 def _fake(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta=10000.0, softmax_scale=None):
@@ -147,9 +129,7 @@ def _backward_kernel(
     # Recompute the forward through differentiable pieces and differentiate it.
     with torch.enable_grad():
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        out = _differentiable(
-            qq, kk, vv, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
-        )
+        out = _attend(qq, kk, vv, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale)
         dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), grad)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
@@ -160,8 +140,9 @@ def _backward_fake(
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _differentiable(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, scale):
-    # The same computation through differentiable pieces (rope_nd has its own autograd).
+def _attend(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, scale):
+    # rope_nd, then SDPA item by item. The pieces are differentiable (rope_nd has its own
+    # autograd), so the backward kernel recomputes through this same function.
     bounds = _check_values(cu_seqlens, q.shape[0], max_seqlen)
     rq = torch.ops.omnivmed.rope_nd(q, positions, sections, float(theta), False)
     rk = torch.ops.omnivmed.rope_nd(k, positions, sections, float(theta), False)
