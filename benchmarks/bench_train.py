@@ -20,23 +20,15 @@ import torch
 from _timing import print_table, write_results
 
 from omnivmed.configs import packaged_config
-from omnivmed.demo import build_demo_dataset
+from omnivmed.demo import DEMO_MEDIA_SETTINGS, build_demo_dataset
 from omnivmed.training.config import load_stage_config
 from omnivmed.training.trainer import train_stage
 
 
 def run(data: Path, out: Path, prune: bool, steps: int) -> dict:
     cfg = load_stage_config(packaged_config("stage3"), data=str(data), output_dir=str(out), name="stage3",
-                            init="preset:tiny")  # fmt: skip
-    cfg.prune, cfg.max_steps, cfg.max_pixels, cfg.min_pixels, cfg.max_slices, cfg.video_fps = (
-        prune,
-        steps,
-        112 * 112,
-        32 * 32,
-        16,
-        4.0,
-    )
-    cfg.save_every = 10**9
+                            init="preset:tiny", prune=prune, max_steps=steps, save_every=10**9,
+                            **DEMO_MEDIA_SETTINGS)  # fmt: skip
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()

@@ -101,7 +101,7 @@ def run_stages(stages: list[StageConfig], resume: bool = True) -> Path:
 
 
 def run_demo(output_dir: Path) -> None:
-    from ..demo import build_demo_dataset
+    from ..demo import DEMO_MEDIA_SETTINGS, build_demo_dataset
     from ..inference import answer_question
     from ..models import OmniVMedForConditionalGeneration, VisualKind
     from ..processing.processor import ProcessorOptions
@@ -114,25 +114,15 @@ def run_demo(output_dir: Path) -> None:
     for n in (1, 2, 3):
         cfg = load_stage_config(packaged_config(f"stage{n}"), data=str(paths[f"stage{n}"]),
                                 output_dir=str(output_dir / f"stage{n}"), name=f"stage{n}",
-                                init="preset:tiny" if n == 1 else "previous")  # fmt: skip
-        cfg.epochs, cfg.max_pixels, cfg.min_pixels, cfg.max_slices, cfg.video_fps = (
-            demo_epochs[n],
-            112 * 112,
-            32 * 32,
-            16,
-            4.0,
-        )
-        cfg.lr = 3e-3
-        cfg.module_lr = {}
+                                init="preset:tiny" if n == 1 else "previous", epochs=demo_epochs[n],
+                                lr=3e-3, module_lr={}, **DEMO_MEDIA_SETTINGS)  # fmt: skip
         stages.append(cfg)
     final = run_stages(stages)
     from transformers import AutoTokenizer
 
     model = OmniVMedForConditionalGeneration.from_pretrained(final)
     tokenizer = AutoTokenizer.from_pretrained(final)
-    options = ProcessorOptions(
-        min_pixels=32 * 32, max_pixels=112 * 112, max_slices=16, video_fps=4.0
-    )
+    options = ProcessorOptions(**DEMO_MEDIA_SETTINGS)
     print("\nquestions after stage 3:")
     for kind, key, question in ((VisualKind.IMAGE, "image", "What is the imaging modality?"),
                                 (VisualKind.VOLUME, "volume", "What is shown?"),

@@ -20,6 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
+# Small frames and few slices, so the demo trains in a minute or two on a CPU; the stage
+# settings and the final questions use the same values.
+DEMO_MEDIA_SETTINGS = {
+    "max_pixels": 112 * 112,
+    "min_pixels": 32 * 32,
+    "max_slices": 16,
+    "video_fps": 4.0,
+}
+
 FACTS = {
     "fundus": ("a color fundus photograph of the retina", "the retina and optic disc"),
     "pathology": (

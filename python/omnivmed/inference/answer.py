@@ -9,7 +9,8 @@ import torch
 
 from ..models.token_counts import VisualKind
 from ..processing.processor import Media, OmniVMedProcessor, ProcessorOptions
-from ..processing.prompt import expand_markers, to_messages
+from ..processing.prompt import expand_markers
+from ..processing.visual_batch import pack_visual_items
 
 _MARKER = {VisualKind.IMAGE: "<image>", VisualKind.VIDEO: "<video>", VisualKind.VOLUME: "<image3d>"}
 
@@ -26,14 +27,10 @@ def answer_question(model, tokenizer, kind: VisualKind, path: str | Path, questi
                     options: ProcessorOptions | None = None, max_new_tokens: int = 48) -> Answer:  # fmt: skip
     processor = OmniVMedProcessor(model.config, tokenizer, options)
     item = processor.load(Media(kind, path))
-    from ..processing.visual_batch import pack_visual_items
-
     visual = pack_visual_items([item], model.config, prune=processor.options.prune,
                                threshold=processor.options.prune_threshold)  # fmt: skip
-    messages = to_messages(
-        [{"from": "human", "value": f"{_MARKER[kind]}\n{question}"}, {"from": "gpt", "value": ""}]
-    )
-    messages = expand_markers(messages[:1], visual.token_counts, model.config.image_token)
+    question_turn = [{"role": "user", "content": f"{_MARKER[kind]}\n{question}"}]
+    messages = expand_markers(question_turn, visual.token_counts, model.config.image_token)
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     model.eval()
