@@ -1,5 +1,6 @@
 // Every op schema of the omnivmed namespace, in one place. Backends add their kernels
 // with TORCH_LIBRARY_IMPL next to the kernels themselves.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(omnivmed, m) {
@@ -8,13 +9,29 @@ TORCH_LIBRARY(omnivmed, m) {
       "rope_nd(Tensor x, Tensor positions, int[] sections, float theta=10000.0, "
       "bool inverse=False) -> Tensor");
   // Bidirectional attention inside each packed item with rope_nd applied to q and k.
+  // rope_attention is rope_attention_forward's output alone (CompositeImplicitAutograd);
+  // the forward also returns the log-sum-exp [H, L] (fp32) that the backward reads.
   m.def(
       "rope_attention(Tensor q, Tensor k, Tensor v, Tensor positions, Tensor cu_seqlens, "
       "int max_seqlen, int[] sections, float theta=10000.0, float? softmax_scale=None) -> Tensor");
   m.def(
-      "rope_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor positions, "
-      "Tensor cu_seqlens, int max_seqlen, int[] sections, float theta, float? softmax_scale) -> "
-      "(Tensor dq, Tensor dk, Tensor dv)");
+      "rope_attention_forward(Tensor q, Tensor k, Tensor v, Tensor positions, "
+      "Tensor cu_seqlens, int max_seqlen, int[] sections, float theta=10000.0, "
+      "float? softmax_scale=None) -> (Tensor out, Tensor lse)");
+  m.def(
+      "rope_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor positions, Tensor cu_seqlens, int max_seqlen, int[] sections, "
+      "float theta, float? softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // The fused CUDA kernels (float16/bfloat16, sync-free), same schemas; rope_attention's
+  // CUDA path selects them (omnivmed_ext.attention).
+  m.def(
+      "_rope_attention_fused_forward(Tensor q, Tensor k, Tensor v, Tensor positions, "
+      "Tensor cu_seqlens, int max_seqlen, int[] sections, float theta=10000.0, "
+      "float? softmax_scale=None) -> (Tensor out, Tensor lse)");
+  m.def(
+      "_rope_attention_fused_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor positions, Tensor cu_seqlens, int max_seqlen, int[] sections, "
+      "float theta, float? softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Medical-aware token pruning (see csrc/prune/prune_math.h). Returns the keep mask
   // [F, N], kept flat indices [K], their (t, h, w) positions [K, 3], the new cu_seqlens
   // [B+1] and the kept values [K, P]; K depends on the data.
@@ -29,4 +46,26 @@ TORCH_LIBRARY(omnivmed, m) {
       "float threshold=0.1, str mode='previous', int unit=1, int min_keep_per_frame=0) -> "
       "(Tensor keep, Tensor index, Tensor positions, Tensor cu_seqlens, Tensor values, "
       "Tensor count)");
+}
+
+namespace {
+
+at::Tensor rope_attention_composite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& positions, const at::Tensor& cu_seqlens,
+                                    int64_t max_seqlen, c10::IntArrayRef sections, double theta,
+                                    std::optional<double> softmax_scale) {
+  static const auto forward = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("omnivmed::rope_attention_forward", "")
+                                  .typed<std::tuple<at::Tensor, at::Tensor>(
+                                      const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&, const at::Tensor&, int64_t,
+                                      c10::IntArrayRef, double, std::optional<double>)>();
+  return std::get<0>(
+      forward.call(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(omnivmed, CompositeImplicitAutograd, m) {
+  m.impl("rope_attention", &rope_attention_composite);
 }

@@ -1,17 +1,31 @@
 """`rope_attention`: bidirectional attention inside each packed item, with `rope_nd`
 applied to q and k.
 
-The kernels registered here compose `rope_nd` with PyTorch's scaled-dot-product attention
-item by item (flash or memory-efficient SDPA kernels on a GPU). They are the CPU path and,
-until the fused CUDA kernel lands, the CUDA path too; both read `cu_seqlens` on the host.
-The backward recomputes the forward under autograd.
+Ops (schemas in csrc/registration.cpp):
+
+- `rope_attention` -> out: `rope_attention_forward`'s first output (composite, C++).
+- `rope_attention_forward` -> (out, lse [H, L] fp32): autograd is registered here; its
+  backward is `rope_attention_backward`, which reads out and lse.
+- `_rope_attention_fused_forward` / `_backward`: the fused CUDA kernels (float16 and
+  bfloat16; flash-attention-2 schedule, rotation applied to tiles on the fly, nothing
+  read on the host, so they are sync-free and CUDA-graph safe).
+
+Backends. CPU: `rope_nd`, then PyTorch's flash attention for CPU item by item (it returns
+the log-sum-exp), and its backward with the inverse rotation on dq and dk. CUDA: the fused
+kernels or a composite (`rope_nd` + memory-efficient SDPA per item; backward by
+recomputation), chosen by :func:`set_cuda_backend` or the environment variable
+``OMNIVMED_ROPE_ATTENTION_CUDA`` (``fused`` or ``composite``). The composite is the
+default until the fused kernels' GPU test suite has passed on the hardware in use; float32
+always takes the composite. The composite paths read `cu_seqlens` on the host.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +34,48 @@ from ._library import library_loaded, require_library
 from .rope import check_rope_nd_args
 
 SUPPORTED_HEAD_DIMS = (64, 72, 80, 96, 128)
+CUDA_BACKENDS = ("composite", "fused")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FUSED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _backend_from_env() -> str:
+    name = os.environ.get("OMNIVMED_ROPE_ATTENTION_CUDA", "composite").strip().lower()
+    if name not in CUDA_BACKENDS:
+        raise ValueError(
+            f"OMNIVMED_ROPE_ATTENTION_CUDA must be one of {CUDA_BACKENDS}, got {name!r}"
+        )
+    return name
+
+
+_cuda_backend = _backend_from_env()
+
+
+def cuda_backend() -> str:
+    """The CUDA implementation `rope_attention` uses for float16/bfloat16."""
+    return _cuda_backend
+
+
+def set_cuda_backend(name: str) -> None:
+    """Select the CUDA implementation: ``"fused"`` (one kernel, sync-free) or
+    ``"composite"`` (`rope_nd` + SDPA per item)."""
+    global _cuda_backend
+    if name not in CUDA_BACKENDS:
+        raise ValueError(
+            f"rope_attention: CUDA backend must be one of {CUDA_BACKENDS}, got {name!r}"
+        )
+    _cuda_backend = name
+
+
+@contextlib.contextmanager
+def use_cuda_backend(name: str) -> Iterator[None]:
+    """`set_cuda_backend` for the duration of a ``with`` block."""
+    previous = cuda_backend()
+    set_cuda_backend(name)
+    try:
+        yield
+    finally:
+        set_cuda_backend(previous)
 
 
 def check_rope_attention_args(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta) -> None:
@@ -78,79 +133,140 @@ def rope_attention(
     sections: Sequence[int],
     theta: float = 10000.0,
     softmax_scale: float | None = None,
+    *,
+    check_seqlens: bool = True,
 ) -> torch.Tensor:
     """softmax(rope(q) rope(k)^T * scale) v inside each item of `cu_seqlens`, none across.
 
     Args:
         q, k, v: `[L, H, D]`, float32/float16/bfloat16, D in 64/72/80/96/128.
         positions: `[L, A]` int32/int64 positions for `rope_nd` (e.g. t, h, w).
-        cu_seqlens: int32 `[B+1]` item offsets; `max_seqlen` at least the longest item.
+        cu_seqlens: int32 `[B+1]` item offsets; `max_seqlen` at least the longest item
+            (an upper bound is fine).
         sections, theta: `rope_nd`'s.
         softmax_scale: default 1/sqrt(D).
+        check_seqlens: validate `cu_seqlens` against L and `max_seqlen` on the host (one
+            device synchronisation on a GPU). Pass False in a loop over layers once the
+            pack has been checked, to keep the fused CUDA path free of host syncs. Skipped
+            inside torch.compile (the composite kernels still check).
     """
     sections = [int(s) for s in sections]
     check_rope_attention_args(q, k, v, positions, cu_seqlens, max_seqlen, sections, float(theta))
     require_library("rope_attention", q.device)
+    if check_seqlens and not torch.compiler.is_compiling():
+        _check_values(cu_seqlens, q.shape[0], max_seqlen)
     return torch.ops.omnivmed.rope_attention.default(
         q, k, v, positions, cu_seqlens, int(max_seqlen), sections, float(theta), softmax_scale
     )
 
 
-def _kernel(
+def _use_fused(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in _FUSED_DTYPES and _cuda_backend == "fused"
+
+
+def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
+    return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    # [l, H, D] -> [1, H, l, D] (a view)
+    return x.transpose(0, 1).unsqueeze(0)
+
+
+def _rotate(x, positions, sections, theta, inverse=False):
+    return torch.ops.omnivmed.rope_nd(x, positions, sections, float(theta), inverse)
+
+
+def _forward_cpu(
     q, k, v, positions, cu_seqlens, max_seqlen, sections, theta=10000.0, softmax_scale=None
 ):
     check_rope_attention_args(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta)
-    return _attend(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale)
+    bounds = _check_values(cu_seqlens, q.shape[0], max_seqlen)
+    rq, rk = (_rotate(x, positions, sections, theta) for x in (q, k))
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_zeros((q.shape[1], q.shape[0]), dtype=torch.float32)
+    scale = _scale(q, softmax_scale)
+    for a, b in itertools.pairwise(bounds):
+        if b > a:
+            o, item_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                *(_heads_first(x[a:b]) for x in (rq, rk, v)), 0.0, False, scale=scale
+            )
+            out[a:b] = o[0].transpose(0, 1)
+            lse[:, a:b] = item_lse[0]
+    return out, lse
 
 
-def _fake(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta=10000.0, softmax_scale=None):
-    check_rope_attention_args(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta)
-    return q.new_empty(q.shape)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale = inputs
-    ctx.save_for_backward(q, k, v, positions, cu_seqlens)
-    ctx.args = (max_seqlen, list(sections), theta, softmax_scale)
-
-
-def _backward(ctx, grad):
-    q, k, v, positions, cu_seqlens = ctx.saved_tensors
-    max_seqlen, sections, theta, scale = ctx.args
-    dq, dk, dv = torch.ops.omnivmed.rope_attention_backward.default(
-        grad, q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, scale
-    )
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-def _backward_kernel(
-    grad, q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
+def _backward_cpu(
+    grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
 ):
-    # Recompute the forward through differentiable pieces and differentiate it.
+    bounds = _check_values(cu_seqlens, q.shape[0], max_seqlen)
+    rq, rk = (_rotate(x, positions, sections, theta) for x in (q, k))
+    grads = [torch.zeros_like(x, memory_format=torch.contiguous_format) for x in (q, k, v)]
+    scale = _scale(q, softmax_scale)
+    for a, b in itertools.pairwise(bounds):
+        if b > a:
+            item = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                *(_heads_first(x[a:b].contiguous()) for x in (grad, rq, rk, v, out)),
+                lse[:, a:b].unsqueeze(0).contiguous(), 0.0, False, scale=scale,
+            )  # fmt: skip
+            for dst, src in zip(grads, item, strict=True):
+                dst[a:b] = src[0].transpose(0, 1)
+    dq, dk, dv = grads
+    # dq, dk above are with respect to the rotated q, k: turn them back.
+    return (
+        _rotate(dq, positions, sections, theta, True),
+        _rotate(dk, positions, sections, theta, True),
+        dv,
+    )
+
+
+def _forward_cuda(
+    q, k, v, positions, cu_seqlens, max_seqlen, sections, theta=10000.0, softmax_scale=None
+):
+    check_rope_attention_args(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta)
+    if _use_fused(q):
+        return torch.ops.omnivmed._rope_attention_fused_forward.default(
+            q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
+        )
+    bounds = _check_values(cu_seqlens, q.shape[0], max_seqlen)
+    rq, rk = (_rotate(x, positions, sections, theta) for x in (q, k))
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_zeros((q.shape[1], q.shape[0]), dtype=torch.float32)
+    scale = _scale(q, softmax_scale)
+    for a, b in itertools.pairwise(bounds):
+        if b > a:
+            o, item_lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+                *(_heads_first(x[a:b]) for x in (rq, rk, v)), None, True, scale=scale
+            )
+            out[a:b] = o[0].transpose(0, 1)
+            lse[:, a:b] = item_lse[0, :, : b - a]  # rows are padded to a multiple of 32
+    return out, lse
+
+
+def _backward_cuda(
+    grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
+):
+    if _use_fused(q):
+        return torch.ops.omnivmed._rope_attention_fused_backward.default(
+            grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta,
+            softmax_scale,
+        )  # fmt: skip
+    # Recompute the forward through differentiable pieces (rope_nd has its own autograd).
     with torch.enable_grad():
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        out = _attend(qq, kk, vv, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale)
-        dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), grad)
+        o = _attend(qq, kk, vv, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale)
+        dq, dk, dv = torch.autograd.grad(o, (qq, kk, vv), grad)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
-def _backward_fake(
-    grad, q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
-):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
 def _attend(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, scale):
-    # rope_nd, then SDPA item by item. The pieces are differentiable (rope_nd has its own
-    # autograd), so the backward kernel recomputes through this same function.
+    # rope_nd, then SDPA item by item.
     bounds = _check_values(cu_seqlens, q.shape[0], max_seqlen)
-    rq = torch.ops.omnivmed.rope_nd(q, positions, sections, float(theta), False)
-    rk = torch.ops.omnivmed.rope_nd(k, positions, sections, float(theta), False)
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    rq, rk = (_rotate(x, positions, sections, theta) for x in (q, k))
+    scale = _scale(q, scale)
     outs = [
         F.scaled_dot_product_attention(
-            rq[a:b].transpose(0, 1).unsqueeze(0), rk[a:b].transpose(0, 1).unsqueeze(0),
-            v[a:b].transpose(0, 1).unsqueeze(0), scale=scale,
+            *(_heads_first(x[a:b]) for x in (rq, rk, v)), scale=scale
         ).squeeze(0).transpose(0, 1)
         for a, b in itertools.pairwise(bounds)
         if b > a
@@ -158,13 +274,52 @@ def _attend(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, scale):
     return torch.cat(outs) if outs else torch.zeros_like(q)
 
 
+def _forward_fake(
+    q, k, v, positions, cu_seqlens, max_seqlen, sections, theta=10000.0, softmax_scale=None
+):
+    check_rope_attention_args(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta)
+    out = q.new_empty(q.shape)
+    return out, q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+def _backward_fake(
+    grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
+):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, positions, cu_seqlens)
+    ctx.args = (max_seqlen, list(sections), theta, softmax_scale)
+
+
+def _backward(ctx, grad, _grad_lse):
+    q, k, v, out, lse, positions, cu_seqlens = ctx.saved_tensors
+    max_seqlen, sections, theta, scale = ctx.args
+    dq, dk, dv = torch.ops.omnivmed.rope_attention_backward.default(
+        grad.contiguous(), q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta,
+        scale,
+    )  # fmt: skip
+    return dq, dk, dv, None, None, None, None, None, None
+
+
 if library_loaded():
-    torch.library.register_kernel("omnivmed::rope_attention", ("cpu", "cuda"))(_kernel)
-    torch.library.register_fake("omnivmed::rope_attention")(_fake)
-    torch.library.register_autograd(
-        "omnivmed::rope_attention", _backward, setup_context=_setup_context
-    )
-    torch.library.register_kernel("omnivmed::rope_attention_backward", ("cpu", "cuda"))(
-        _backward_kernel
-    )
-    torch.library.register_fake("omnivmed::rope_attention_backward")(_backward_fake)
+    _forward = "omnivmed::rope_attention_forward"
+    _backward_op = "omnivmed::rope_attention_backward"
+    torch.library.register_kernel(_forward, "cpu")(_forward_cpu)
+    torch.library.register_kernel(_forward, "cuda")(_forward_cuda)
+    torch.library.register_fake(_forward)(_forward_fake)
+    torch.library.register_autograd(_forward, _backward, setup_context=_setup_context)
+    torch.library.register_kernel(_backward_op, "cpu")(_backward_cpu)
+    torch.library.register_kernel(_backward_op, "cuda")(_backward_cuda)
+    torch.library.register_fake(_backward_op)(_backward_fake)
+    for _fused in (
+        "omnivmed::_rope_attention_fused_forward",
+        "omnivmed::_rope_attention_fused_backward",
+    ):
+        torch.library.register_fake(_fused)(
+            _forward_fake if "forward" in _fused else _backward_fake
+        )

@@ -1,0 +1,191 @@
+// Forward of the fused rope_attention: one block per (query tile, head, item), 16 query
+// rows per warp. Each key/value tile is copied into shared memory with cp.async, K is
+// rotated there (Q once per query tile), S = Q K^T and O += P V run on tensor cores with
+// the online softmax in registers, and the log-sum-exp is kept for the backward.
+#include <cmath>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "rope_attention_cuda.h"
+#include "tile_ops.cuh"
+
+namespace omnivmed {
+namespace attention {
+namespace {
+
+template <int D>
+struct FwdTile {
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBlockM = 16 * kWarps;  // query rows per block
+  static constexpr int kBlockN = 64;           // keys per tile
+  static constexpr int kStride = smem_stride(D);
+  static constexpr size_t kSmemBytes = size_t(kBlockM + 2 * kBlockN) * kStride * 2;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(FwdTile<D>::kThreads, 1)
+    rope_attention_fwd_kernel(const FwdParams p) {
+  using Tile = FwdTile<D>;
+  constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN, S = Tile::kStride;
+  constexpr int NT = BN / 8;  // score tiles per warp row block
+  constexpr int DT = D / 8;   // output tiles
+  const int head = blockIdx.y;
+  const int item = blockIdx.z;
+  const int64_t start = p.cu_seqlens[item];
+  const int len = static_cast<int>(p.cu_seqlens[item + 1] - start);
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* q_s = reinterpret_cast<T*>(smem);
+  T* k_s = q_s + BM * S;
+  T* v_s = k_s + BN * S;
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int g = lane >> 2;
+  const int c = lane & 3;
+  const T* q = static_cast<const T*>(p.q) + head * D;
+  const T* k = static_cast<const T*>(p.k) + head * D;
+  const T* v = static_cast<const T*>(p.v) + head * D;
+  const int n_tiles = (len + BN - 1) / BN;
+
+  for (int m0 = blockIdx.x * BM; m0 < len; m0 += gridDim.x * BM) {
+    const int valid_m = min(BM, len - m0);
+    load_tile_async<T, D, S, BM, Tile::kThreads>(q_s, q, p.row_stride, start + m0, valid_m);
+    load_tile_async<T, D, S, BN, Tile::kThreads>(k_s, k, p.row_stride, start,
+                                                  min(BN, len));
+    commit_async();
+
+    float o[DT][4] = {};
+    float row_max[2] = {-INFINITY, -INFINITY};
+    float row_sum[2] = {0.f, 0.f};
+
+    for (int j = 0; j < n_tiles; ++j) {
+      const int n0 = j * BN;
+      const int valid_n = min(BN, len - n0);
+      load_tile_async<T, D, S, BN, Tile::kThreads>(v_s, v, p.row_stride, start + n0, valid_n);
+      commit_async();
+      wait_async<1>();  // Q (first tile) and K_j have landed
+      __syncthreads();
+      if (j == 0) rotate_tile<T, D, S, Tile::kThreads>(q_s, p.cos_sin, start + m0, valid_m);
+      rotate_tile<T, D, S, Tile::kThreads>(k_s, p.cos_sin, start + n0, valid_n);
+      __syncthreads();
+
+      float s[NT][4] = {};
+      mma_rows_by_rows<T, D, NT, S, S>(s, q_s + warp * 16 * S, k_s, lane);
+
+      // Keys past the item take no weight; scores go to the log2 domain.
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = nt * 8 + 2 * c + (e & 1);
+          s[nt][e] = col < valid_n ? s[nt][e] * p.scale_log2 : -INFINITY;
+          tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float new_max = fmaxf(row_max[r], quad_max(tile_max[r]));
+        // Every row sees at least one valid key in the first tile, so new_max is finite.
+        const float alpha = exp2f(row_max[r] - new_max);
+        row_max[r] = new_max;
+        row_sum[r] *= alpha;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          o[dt][2 * r] *= alpha;
+          o[dt][2 * r + 1] *= alpha;
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[nt][e] = exp2f(s[nt][e] - row_max[e >> 1]);
+          row_sum[e >> 1] += s[nt][e];
+        }
+      }
+
+      wait_async<0>();  // V_j
+      __syncthreads();  // also: every warp is done reading K_j
+      if (j + 1 < n_tiles) {
+        load_tile_async<T, D, S, BN, Tile::kThreads>(k_s, k, p.row_stride, start + n0 + BN,
+                                                      min(BN, len - n0 - BN));
+      }
+      commit_async();  // possibly empty: keeps the group count uniform
+
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t a[4];
+        pack_a_fragment<T, NT>(s, kk, a);
+        mma_a_by_tile<T, D, S>(o, a, v_s + kk * 16 * S, lane);
+      }
+      __syncthreads();  // V_j is read by every warp before the next tile overwrites it
+    }
+    wait_async<0>();
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float total = quad_sum(row_sum[r]);
+      const float inv = 1.f / total;
+      const int row = warp * 16 + g + 8 * r;
+      if (row < valid_m) {
+        const int64_t token = start + m0 + row;
+        T* out = static_cast<T*>(p.out) + token * p.row_stride + head * D;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          *reinterpret_cast<uint32_t*>(out + dt * 8 + 2 * c) =
+              Mma<T>::pack(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+        }
+        if (c == 0) {
+          p.lse[head * p.total + token] = (row_max[r] + log2f(total)) * float(M_LN2);
+        }
+      }
+    }
+    __syncthreads();  // the next query tile reuses q_s and k_s
+  }
+}
+
+template <typename T, int D>
+void launch(const FwdParams& params, int num_items, int64_t max_seqlen, cudaStream_t stream) {
+  using Tile = FwdTile<D>;
+  auto kernel = rope_attention_fwd_kernel<T, D>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(Tile::kSmemBytes)));
+  const int64_t m_blocks = std::max<int64_t>(1, (max_seqlen + Tile::kBlockM - 1) / Tile::kBlockM);
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(m_blocks, 1 << 30)), params.heads,
+                  num_items);
+  kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_for_dim(const FwdParams& params, int head_dim, int num_items, int64_t max_seqlen,
+                    cudaStream_t stream) {
+  switch (head_dim) {
+    case 64: return launch<T, 64>(params, num_items, max_seqlen, stream);
+    case 72: return launch<T, 72>(params, num_items, max_seqlen, stream);
+    case 80: return launch<T, 80>(params, num_items, max_seqlen, stream);
+    case 96: return launch<T, 96>(params, num_items, max_seqlen, stream);
+    case 128: return launch<T, 128>(params, num_items, max_seqlen, stream);
+    default: TORCH_CHECK(false, "rope_attention: no CUDA kernel for head dim ", head_dim);
+  }
+}
+
+}  // namespace
+
+void launch_rope_attention_forward(const FwdParams& params, at::ScalarType dtype, int head_dim,
+                                   int num_items, int64_t max_seqlen) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (dtype == at::kHalf) {
+    launch_for_dim<__half>(params, head_dim, num_items, max_seqlen, stream);
+  } else {
+    TORCH_CHECK(dtype == at::kBFloat16, "rope_attention: fused kernel needs float16/bfloat16");
+    launch_for_dim<__nv_bfloat16>(params, head_dim, num_items, max_seqlen, stream);
+  }
+}
+
+}  // namespace attention
+}  // namespace omnivmed
