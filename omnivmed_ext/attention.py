@@ -108,7 +108,9 @@ def check_rope_attention_args(q, k, v, positions, cu_seqlens, max_seqlen, sectio
     check_rope_nd_args(q, positions, sections, theta)
 
 
-def _check_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> list[int]:
+def validate_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> list[int]:
+    """The item offsets as a list, after checking they start at 0, never decrease, end at
+    `total` and hold no item longer than `max_seqlen` (reads them: a sync on a GPU)."""
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in itertools.pairwise(bounds)):
         raise ValueError(
@@ -154,7 +156,7 @@ def rope_attention(
     check_rope_attention_args(q, k, v, positions, cu_seqlens, max_seqlen, sections, float(theta))
     require_library("rope_attention", q.device)
     if check_seqlens and not torch.compiler.is_compiling():
-        _check_values(cu_seqlens, q.shape[0], max_seqlen)
+        validate_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     return torch.ops.omnivmed.rope_attention.default(
         q, k, v, positions, cu_seqlens, int(max_seqlen), sections, float(theta), softmax_scale
     )
@@ -181,7 +183,7 @@ def _forward_cpu(
     q, k, v, positions, cu_seqlens, max_seqlen, sections, theta=10000.0, softmax_scale=None
 ):
     check_rope_attention_args(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta)
-    bounds = _check_values(cu_seqlens, q.shape[0], max_seqlen)
+    bounds = validate_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     rq, rk = (_rotate(x, positions, sections, theta) for x in (q, k))
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)
     lse = q.new_zeros((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -199,7 +201,7 @@ def _forward_cpu(
 def _backward_cpu(
     grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
 ):
-    bounds = _check_values(cu_seqlens, q.shape[0], max_seqlen)
+    bounds = validate_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     rq, rk = (_rotate(x, positions, sections, theta) for x in (q, k))
     grads = [torch.zeros_like(x, memory_format=torch.contiguous_format) for x in (q, k, v)]
     scale = _scale(q, softmax_scale)
@@ -228,7 +230,7 @@ def _forward_cuda(
         return torch.ops.omnivmed._rope_attention_fused_forward.default(
             q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
         )
-    bounds = _check_values(cu_seqlens, q.shape[0], max_seqlen)
+    bounds = validate_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     rq, rk = (_rotate(x, positions, sections, theta) for x in (q, k))
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)
     lse = q.new_zeros((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -261,7 +263,7 @@ def _backward_cuda(
 
 def _attend(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, scale):
     # rope_nd, then SDPA item by item.
-    bounds = _check_values(cu_seqlens, q.shape[0], max_seqlen)
+    bounds = validate_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     rq, rk = (_rotate(x, positions, sections, theta) for x in (q, k))
     scale = _scale(q, scale)
     outs = [

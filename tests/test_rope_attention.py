@@ -3,13 +3,16 @@ opcheck, torch.compile and bad input."""
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 import torch
 from conftest import DEVICES
 
 import omnivmed_ext
 from omnivmed_ext import cu_seqlens_from_lengths
-from omnivmed_ext.reference import rope_attention_reference
+from omnivmed_ext.reference import rope_attention_reference, rope_nd_reference
 
 LAYOUTS = {"one token": [1], "97": [97], "1025": [1025], "many items": [1, 17, 97, 5, 64, 33]}
 HEAD_DIMS = [64, 72, 80, 96, 128]
@@ -34,31 +37,87 @@ def err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("with_t", [True, False])
-def test_matches_float64_reference(device, dtype, head_dim, layout, with_t):
-    lengths = LAYOUTS[layout]
-    if device == "cpu" and layout == "1025" and head_dim != 128:
-        lengths = [257]  # keep the CPU suite fast; 1025 runs at head dim 128
-    sections = sections_for(head_dim, with_t)
-    q, k, v, pos, cu, max_len = make_inputs(lengths, 2, head_dim, dtype, device)
+# (device, CUDA backend): the CPU path, and on a GPU the composite and the fused kernels.
+IMPLS = [
+    pytest.param(("cpu", None), id="cpu"),
+    pytest.param(("cuda", "composite"), id="cuda-composite", marks=pytest.mark.cuda),
+    pytest.param(("cuda", "fused"), id="cuda-fused", marks=pytest.mark.cuda),
+]
+IMPL_DTYPES = {
+    None: [torch.float32, torch.bfloat16],
+    "composite": [torch.float32, torch.bfloat16],
+    "fused": [torch.float16, torch.bfloat16],
+}
+
+
+@pytest.fixture
+def impl(request):
+    device, backend = request.param
+    if backend is None:
+        yield device, backend
+        return
+    with omnivmed_ext.attention.use_cuda_backend(backend):
+        yield device, backend
+
+
+def check_against_reference(lengths, heads, head_dim, dtype, device, sections, **kwargs):
+    q, k, v, pos, cu, max_len = make_inputs(lengths, heads, head_dim, dtype, device)
+    scale = kwargs.get("softmax_scale")
     grad = torch.randn_like(q)
     ins = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = omnivmed_ext.rope_attention(*ins, pos, cu, max_len, sections)
+    out = omnivmed_ext.rope_attention(*ins, pos, cu, max_len, sections, **kwargs)
     out.backward(grad)
     ref64_in = [t.double().requires_grad_() for t in (q, k, v)]
-    ref64 = rope_attention_reference(*ref64_in, pos, cu, sections)
+    ref64 = rope_attention_reference(*ref64_in, pos, cu, sections, softmax_scale=scale)
     ref64.backward(grad.double())
     low_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    low = rope_attention_reference(*low_in, pos, cu, sections, compute_dtype=dtype)
+    low = rope_attention_reference(
+        *low_in, pos, cu, sections, softmax_scale=scale, compute_dtype=dtype
+    )
     low.backward(grad)
     atol = 1e-5 if dtype == torch.float32 else 1e-3
     assert err(out, ref64) <= 2 * err(low, ref64) + atol
-    for got, want, lp in zip(ins, ref64_in, low_in, strict=True):
-        assert err(got.grad, want.grad) <= 3 * err(lp.grad, want.grad) + atol
+    for name, got, want, lp in zip("qkv", ins, ref64_in, low_in, strict=True):
+        assert err(got.grad, want.grad) <= 3 * err(lp.grad, want.grad) + atol, f"d{name}"
+
+
+@pytest.mark.parametrize("impl", IMPLS, indirect=True)
+@pytest.mark.parametrize("dtype_index", [0, 1])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("with_t", [True, False])
+def test_matches_float64_reference(impl, dtype_index, head_dim, layout, with_t):
+    device, backend = impl
+    dtype = IMPL_DTYPES[backend][dtype_index]
+    lengths = LAYOUTS[layout]
+    if device == "cpu" and layout == "1025" and head_dim != 128:
+        lengths = [257]  # keep the CPU suite fast; 1025 runs at head dim 128
+    check_against_reference(lengths, 2, head_dim, dtype, device, sections_for(head_dim, with_t))
+
+
+@pytest.mark.parametrize("impl", IMPLS, indirect=True)
+def test_many_heads_scale_and_long_items(impl):
+    device, backend = impl
+    dtype = IMPL_DTYPES[backend][1]
+    lengths = [300, 1, 2050] if device == "cuda" else [300, 1, 513]
+    check_against_reference(lengths, 5, 80, dtype, device, (10, 15, 15), softmax_scale=0.3)
+
+
+@pytest.mark.parametrize("impl", IMPLS, indirect=True)
+def test_log_sum_exp(impl):
+    device, backend = impl
+    dtype = IMPL_DTYPES[backend][1]
+    lengths = [7, 130, 65]
+    q, k, v, pos, cu, m = make_inputs(lengths, 3, 72, dtype, device)
+    sections = sections_for(72, True)
+    out, lse = torch.ops.omnivmed.rope_attention_forward(q, k, v, pos, cu, m, sections, 1e4, None)
+    assert lse.shape == (3, q.shape[0]) and lse.dtype == torch.float32
+    torch.testing.assert_close(out, omnivmed_ext.rope_attention(q, k, v, pos, cu, m, sections))
+    rq = rope_nd_reference(q.double(), pos, sections)
+    rk = rope_nd_reference(k.double(), pos, sections)
+    for a, b in itertools.pairwise(cu.tolist()):
+        scores = torch.einsum("qhd,khd->hqk", rq[a:b], rk[a:b]) / math.sqrt(72)
+        torch.testing.assert_close(lse[:, a:b].double(), scores.logsumexp(-1), atol=2e-2, rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -69,16 +128,28 @@ def test_items_do_not_attend_to_each_other(device):
     torch.testing.assert_close(both[:5], first)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_and_compile(device):
-    q, k, v, pos, cu, m = make_inputs([3, 6], 2, 64, torch.float32, device)
-    op = torch.ops.omnivmed.rope_attention.default
-    torch.library.opcheck(op, (q, k, v, pos, cu, m, [8, 12, 12], 10000.0, None))
-    torch.library.opcheck(op, (q.requires_grad_(), k, v, pos, cu, m + 4, [8, 12, 12], 500.0, 0.2),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))  # fmt: skip
+@pytest.mark.parametrize("impl", IMPLS, indirect=True)
+def test_opcheck_and_compile(impl):
+    device, backend = impl
+    dtype = IMPL_DTYPES[backend][0]
+    q, k, v, pos, cu, m = make_inputs([3, 6], 2, 64, dtype, device)
+    sections = [8, 12, 12]
+    forward = torch.ops.omnivmed.rope_attention_forward.default
+    torch.library.opcheck(forward, (q, k, v, pos, cu, m, sections, 10000.0, None))
+    torch.library.opcheck(
+        forward, (q.clone().requires_grad_(), k, v, pos, cu, m + 4, sections, 500.0, 0.2)
+    )
+    out, lse = forward(q, k, v, pos, cu, m, sections, 10000.0, None)
+    torch.library.opcheck(
+        torch.ops.omnivmed.rope_attention_backward.default,
+        (torch.randn_like(q), q, k, v, out, lse, pos, cu, m, sections, 10000.0, None),
+    )
+    torch.library.opcheck(
+        torch.ops.omnivmed.rope_attention.default, (q, k, v, pos, cu, m, sections, 1e4, None)
+    )
 
     def block(q, k, v):
-        return omnivmed_ext.rope_attention(q * 2, k, v, pos, cu, m, (8, 12, 12)).sum()
+        return omnivmed_ext.rope_attention(q * 2, k, v, pos, cu, m, sections).float().sum()
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     a = [t.detach().clone().requires_grad_() for t in (q, k, v)]
@@ -86,7 +157,94 @@ def test_opcheck_and_compile(device):
     block(*a).backward()
     compiled(*b).backward()
     for x, y in zip(a, b, strict=True):
-        torch.testing.assert_close(y.grad, x.grad)
+        # The fused backward adds dq with atomics: equal up to summation order.
+        torch.testing.assert_close(
+            y.grad, x.grad, atol=1e-5 if backend != "fused" else 2e-3, rtol=0
+        )
+
+
+@pytest.mark.cuda
+def test_fused_is_sync_free_and_ignores_max_seqlen_for_correctness():
+    lengths = [700, 3, 129]
+    with omnivmed_ext.attention.use_cuda_backend("fused"):
+        q, k, v, pos, cu, _ = make_inputs(lengths, 2, 80, torch.bfloat16, "cuda")
+        sections = sections_for(80, True)
+        grad = torch.randn_like(q)
+        results = []
+        for max_seqlen in (700, 4096, 64):  # exact, an upper bound, and too small
+            ins = [t.clone().requires_grad_() for t in (q, k, v)]
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = omnivmed_ext.rope_attention(
+                    *ins, pos, cu, max_seqlen, sections, check_seqlens=False
+                )
+                out.backward(grad)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            results.append((out, *(t.grad for t in ins)))
+        for other in results[1:]:
+            for x, y in zip(results[0], other, strict=True):
+                torch.testing.assert_close(x, y, atol=2e-2, rtol=0)
+
+
+@pytest.mark.cuda
+def test_fused_forward_and_backward_capture_in_a_cuda_graph():
+    q, k, v, pos, cu, m = make_inputs([100, 33], 2, 64, torch.float16, "cuda")
+    sections = sections_for(64, False)
+    args = (pos, cu, m, sections, 1e4, None)
+    eager_out, eager_lse = torch.ops.omnivmed._rope_attention_fused_forward(q, k, v, *args)
+    grad = torch.randn_like(q)
+    eager_grads = torch.ops.omnivmed._rope_attention_fused_backward(
+        grad, q, k, v, eager_out, eager_lse, *args
+    )
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture
+        torch.ops.omnivmed._rope_attention_fused_forward(q, k, v, *args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = torch.ops.omnivmed._rope_attention_fused_forward(q, k, v, *args)
+        grads = torch.ops.omnivmed._rope_attention_fused_backward(grad, q, k, v, out, lse, *args)
+    graph.replay()
+    torch.testing.assert_close(out, eager_out, atol=0, rtol=0)
+    torch.testing.assert_close(lse, eager_lse, atol=0, rtol=0)
+    for x, y in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(x, y, atol=2e-3, rtol=0)
+
+
+@pytest.mark.cuda
+def test_fused_matches_composite_on_a_vision_pack():
+    # A pack as the tower sees it: pruned volume and video items of uneven lengths.
+    lengths = [1024, 976, 228, 1, 4096, 256]
+    q, k, v, pos, cu, m = make_inputs(lengths, 16, 72, torch.bfloat16, "cuda")
+    sections = sections_for(72, True)
+    with omnivmed_ext.attention.use_cuda_backend("fused"):
+        fused = omnivmed_ext.rope_attention(q, k, v, pos, cu, m, sections)
+    with omnivmed_ext.attention.use_cuda_backend("composite"):
+        composite = omnivmed_ext.rope_attention(q, k, v, pos, cu, m, sections)
+    torch.testing.assert_close(fused.float(), composite.float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.cuda
+def test_fused_op_rejects_what_it_cannot_run():
+    q, k, v, pos, cu, m = make_inputs([4, 4], 2, 64, torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        torch.ops.omnivmed._rope_attention_fused_forward(q, k, v, pos, cu, m, [8, 12, 12])
+    h = q.half()[:, :, :48].contiguous()
+    with pytest.raises(RuntimeError, match="head dim 48 is not supported"):
+        torch.ops.omnivmed._rope_attention_fused_forward(h, h, h, pos, cu, m, [6, 9, 9])
+
+
+def test_cuda_backend_selection():
+    assert omnivmed_ext.attention.cuda_backend() in omnivmed_ext.attention.CUDA_BACKENDS
+    with pytest.raises(ValueError, match="must be one of"):
+        omnivmed_ext.attention.set_cuda_backend("flash")
+    before = omnivmed_ext.attention.cuda_backend()
+    with omnivmed_ext.attention.use_cuda_backend("fused"):
+        assert omnivmed_ext.attention.cuda_backend() == "fused"
+    assert omnivmed_ext.attention.cuda_backend() == before
 
 
 def test_bad_input():

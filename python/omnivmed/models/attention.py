@@ -28,12 +28,16 @@ def varlen_rotary_attention(
     sections: Sequence[int],
     theta: float,
     dropout_p: float = 0.0,
+    check_seqlens: bool = True,
 ) -> torch.Tensor:
-    """q, k, v `[L, H, D]`; bidirectional attention inside each item of `cu_seqlens`."""
+    """q, k, v `[L, H, D]`; bidirectional attention inside each item of `cu_seqlens`.
+    `check_seqlens=False` skips `rope_attention`'s host-side check of the offsets (done once
+    per forward by the caller instead of once per layer)."""
     if dropout_p == 0.0 and q.shape[-1] in omnivmed_ext.attention.SUPPORTED_HEAD_DIMS:
         return omnivmed_ext.rope_attention(
-            q, k, v, positions, cu_seqlens, max_seqlen, sections, theta
-        )
+            q, k, v, positions, cu_seqlens, max_seqlen, sections, theta,
+            check_seqlens=check_seqlens,
+        )  # fmt: skip
     q = omnivmed_ext.rope_nd(q, positions, sections, theta)
     k = omnivmed_ext.rope_nd(k, positions, sections, theta)
     total = q.shape[0]

@@ -17,6 +17,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
+import omnivmed_ext
+
 from .attention import frame_cu_seqlens, varlen_rotary_attention
 from .configuration import OmniVMedVisionConfig
 from .registry import ENCODERS
@@ -46,6 +48,7 @@ class VisionAttention(nn.Module):
             q, k, v, positions, cu_seqlens, max_seqlen,
             self.config.rope_sections, self.config.rope_theta,
             self.config.attention_dropout if self.training else 0.0,
+            check_seqlens=False,  # the tower checked the pack once
         )  # fmt: skip
         return self.out_proj(out.reshape(length, -1))
 
@@ -111,6 +114,8 @@ class RotaryVisionTower(nn.Module):
             max_seqlen = None
         if max_seqlen is None:
             max_seqlen = int(torch.diff(cu_seqlens).max()) if cu_seqlens.numel() > 1 else 0
+        if not torch.compiler.is_compiling():
+            omnivmed_ext.attention.validate_cu_seqlens(cu_seqlens, patches.shape[0], max_seqlen)
         hidden = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
