@@ -23,7 +23,7 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 BUILD_AUX = ROOT / "build" / "omnivmed_aux"
-DEFAULT_ARCHS = "8.0;9.0"
+DEFAULT_ARCHS = "8.0;9.0+PTX"  # PTX: newer GPUs JIT-compile the sm_90 code
 
 
 def _log(message: str) -> None:
@@ -121,6 +121,12 @@ def parse_arch_list(spec: str) -> tuple[list[str], list[str]]:
         match = re.fullmatch(r"(\d+)\.(\d+)([af]?)", arch)
         if not match:
             raise SystemExit(f"TORCH_CUDA_ARCH_LIST: cannot parse architecture {raw!r} in {spec!r}")
+        if int(match.group(1)) < 8:
+            raise SystemExit(
+                f"TORCH_CUDA_ARCH_LIST: {raw!r} is older than 8.0; the fused kernels use "
+                "sm_80 instructions (cp.async, bf16 mma). Build for 8.0 or newer, or set "
+                "OMNIVMED_FORCE_CPU=1."
+            )
         num = match.group(1) + match.group(2) + match.group(3)
         flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
         if ptx:

@@ -1,7 +1,8 @@
 """rope_attention against B0 = HF Qwen2-VL-style eager rotary (cos/sin tables,
 rotate_half) + SDPA per item, and B1 = our rope_nd + the best varlen attention available
 here (flash-attn's varlen kernel if installed, else SDPA per item). Forward and
-forward+backward, TFLOP/s counted with the true head dim.
+forward+backward, TFLOP/s counted with the true head dim. On a GPU both CUDA backends of
+rope_attention are timed: "fused" (the one-kernel forward and backward) and "composite".
 
     python benchmarks/bench_rope_attention.py --device cuda
     python benchmarks/bench_rope_attention.py            # CPU: small sizes
@@ -69,8 +70,14 @@ def b1(q, k, v, pos, cu, max_len, sections):
     return per_item_sdpa(rq, rk, v, cu.tolist())
 
 
-def ours(q, k, v, pos, cu, max_len, sections):
-    return omnivmed_ext.rope_attention(q, k, v, pos, cu, max_len, sections)
+def ours(backend):
+    def run(q, k, v, pos, cu, max_len, sections):
+        with omnivmed_ext.attention.use_cuda_backend(backend):
+            return omnivmed_ext.rope_attention(
+                q, k, v, pos, cu, max_len, sections, check_seqlens=False
+            )
+
+    return run
 
 
 def bench(device, dtype, item_len, total, heads, d, args) -> dict:
@@ -92,7 +99,12 @@ def bench(device, dtype, item_len, total, heads, d, args) -> dict:
         "H": heads,
         "D": d,
     }
-    for name, fn in (("B0", b0), ("B1", b1), ("ours", ours)):
+    candidates = [("B0", b0), ("B1", b1)]
+    if q.is_cuda:
+        candidates += [("fused", ours("fused")), ("composite", ours("composite"))]
+    else:
+        candidates.append(("ours", ours("composite")))
+    for name, fn in candidates:
         fwd = time_call(lambda i, fn=fn: fn(q, k, v, pos, cu, item_len, sections), device,
                         warmup=args.warmup, iters=args.iters)["median_ms"]  # fmt: skip
 
@@ -104,8 +116,12 @@ def bench(device, dtype, item_len, total, heads, d, args) -> dict:
         row[f"{name}_fwd_ms"], row[f"{name}_fwdbwd_ms"] = fwd, both
         row[f"{name}_fwd_tflops"] = flops_fwd / fwd / 1e9
         row[f"{name}_fwdbwd_tflops"] = 3.5 * flops_fwd / both / 1e9  # backward ~2.5x forward
-    row["fwdbwd_vs_B0"] = row["B0_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
-    row["fwdbwd_vs_B1"] = row["B1_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+    for name, _ in candidates[2:]:
+        for kind in ("fwd", "fwdbwd"):
+            for base in ("B0", "B1"):
+                row[f"{name}_{kind}_vs_{base}"] = (
+                    row[f"{base}_{kind}_ms"] / row[f"{name}_{kind}_ms"]
+                )
     return row
 
 
@@ -127,10 +143,14 @@ def main(argv=None) -> None:
     rows = [
         bench(device, dtype, n, total, heads, d, args) for n in lengths for d in (64, 72, 80, 128)
     ]
+    name = "fused" if gpu else "ours"
     print_table(rows, [("item_len", "item len", "d"), ("D", "D", "d"), ("B0_fwdbwd_ms", "B0 ms", ".2f"),
-                       ("B1_fwdbwd_ms", "B1 ms", ".2f"), ("ours_fwdbwd_ms", "ours ms", ".2f"),
-                       ("ours_fwdbwd_tflops", "ours TF/s", ".3f"), ("fwdbwd_vs_B0", "x B0", ".2f"),
-                       ("fwdbwd_vs_B1", "x B1", ".2f")])  # fmt: skip
+                       ("B1_fwdbwd_ms", "B1 ms", ".2f"), (f"{name}_fwdbwd_ms", f"{name} ms", ".2f"),
+                       (f"{name}_fwd_tflops", "fwd TF/s", ".3f"),
+                       (f"{name}_fwdbwd_tflops", "f+b TF/s", ".3f"),
+                       (f"{name}_fwd_vs_B1", "fwd x B1", ".2f"),
+                       (f"{name}_fwdbwd_vs_B0", "f+b x B0", ".2f"),
+                       (f"{name}_fwdbwd_vs_B1", "f+b x B1", ".2f")])  # fmt: skip
     if not args.no_save:
         print(
             f"wrote {write_results('rope_attention', device, rows, {'flash_attn': flash_attn_varlen_func is not None})}"

@@ -28,7 +28,7 @@ for step in "${steps[@]}"; do
       TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap} MAX_JOBS=${MAX_JOBS:-16} OMNIVMED_FORCE_CUDA=1 \
         OMNIVMED_PTXAS_VERBOSE=1 $PY -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1 \
         || { echo "build failed"; tail -40 "$OUT/build.log"; exit 1; }
-      grep -E "spill|Used [0-9]+ registers" "$OUT/build.log" | sort | uniq -c | sort -rn | head -20
+      $PY scripts/check_ptxas_report.py "$OUT/build.log" --json "$OUT/ptxas_report.json" || status=1
       ;;
     test)
       (cd tests && $PY -m pytest -q -p no:cacheprovider --rootdir=.. . 2>&1 | tee "$OUT/pytest.log" | tail -25) || status=1
@@ -42,7 +42,7 @@ for step in "${steps[@]}"; do
       done
       ;;
     bench)
-      for b in ${BENCHES:-bench_rope}; do
+      for b in ${BENCHES:-bench_rope bench_rope_attention}; do
         $PY benchmarks/$b.py --device cuda 2>&1 | tee "$OUT/$b.log" | tail -20
       done
       cp benchmarks/results/*.json "$OUT/" 2>/dev/null

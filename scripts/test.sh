@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run every check: ruff, the CMake build with its C++ unit
-# tests (ctest), and pytest. CUDA tests skip without a GPU; the CUDA sources are still
-# compiled (sm_80 and sm_90) whenever torch is a CUDA build and nvcc is present.
+# tests (ctest) and the CUDA kernels' register report (fails on spills), and pytest. CUDA
+# tests skip without a GPU; the CUDA sources are still compiled (sm_80 and sm_90) whenever
+# torch is a CUDA build and nvcc is present.
 # Usage: bash scripts/test.sh [--fresh] [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,10 +21,13 @@ echo "== ruff"
 
 echo "== CMake build and ctest"
 start=$(date +%s)
-PATH="$ROOT/.venv/bin:$PATH" cmake -S . -B build/cmake -G Ninja -DPython3_EXECUTABLE="$PY" >build/cmake.log 2>&1 \
+PATH="$ROOT/.venv/bin:$PATH" cmake -S . -B build/cmake -G Ninja -DPython3_EXECUTABLE="$PY" \
+  -DOMNIVMED_PTXAS_VERBOSE=ON >build/cmake.log 2>&1 \
   || { tail -40 build/cmake.log; exit 1; }
 PATH="$ROOT/.venv/bin:$PATH" cmake --build build/cmake -j "${MAX_JOBS:-2}" >>build/cmake.log 2>&1 \
   || { tail -40 build/cmake.log; exit 1; }
+# Registers and spills of every CUDA kernel (fails on any spill).
+"$PY" scripts/check_ptxas_report.py build/cmake.log
 ctest --test-dir build/cmake --output-on-failure
 echo "== CMake build and ctest took $(( $(date +%s) - start )) s"
 

@@ -213,23 +213,30 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads, 1)
   }
 }
 
-// delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] in fp32: one warp per (token, head).
+// delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] in fp32: one warp per (token, head) row,
+// striding over the rows.
 template <typename T>
 __global__ void rope_attention_delta_kernel(const T* __restrict__ grad, const T* __restrict__ out,
                                             float* __restrict__ delta, int64_t rows, int heads,
                                             int head_dim) {
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
-  if (row >= rows) return;
-  const T* a = grad + row * head_dim;
-  const T* b = out + row * head_dim;
-  float sum = 0.f;
-  for (int d = lane; d < head_dim; d += 32) sum += Mma<T>::to_float(a[d]) * Mma<T>::to_float(b[d]);
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if (lane == 0) {
-    const int64_t token = row / heads;
-    const int head = static_cast<int>(row - token * heads);
-    delta[head * (rows / heads) + token] = sum;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  const int64_t tokens = rows / heads;
+  for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+       row < rows; row += warps) {
+    const T* a = grad + row * head_dim;
+    const T* b = out + row * head_dim;
+    float sum = 0.f;
+    for (int d = lane; d < head_dim; d += 32) {
+      sum += Mma<T>::to_float(a[d]) * Mma<T>::to_float(b[d]);
+    }
+    for (int offset = 16; offset > 0; offset /= 2) {
+      sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    }
+    if (lane == 0) {
+      const int64_t token = row / heads;
+      delta[(row - token * heads) * tokens + token] = sum;
+    }
   }
 }
 

@@ -1,6 +1,7 @@
 // Host side of the fused CUDA rope_attention: argument checks, the cos/sin table, output
 // allocation and the launches. Nothing here reads device memory, so the op never waits
 // for the GPU and can be captured in a CUDA graph.
+#include <algorithm>
 #include <cmath>
 
 #include <ATen/ATen.h>
@@ -66,7 +67,8 @@ void check_fused_args(const char* op, const at::Tensor& q, const at::Tensor& k,
   TORCH_CHECK(cu_seqlens.size(0) - 1 <= 65535, op, ": at most 65535 items per call, got ",
               cu_seqlens.size(0) - 1);
   TORCH_CHECK(q.size(1) >= 1 && q.size(1) <= 65535, op, ": 1 to 65535 heads, got ", q.size(1));
-  TORCH_CHECK(q.size(0) < (int64_t(1) << 31), op, ": at most 2^31 - 1 tokens, got ", q.size(0));
+  // Tile offsets are 32-bit in the kernels (with room for one stride past the end).
+  TORCH_CHECK(q.size(0) < (int64_t(1) << 30), op, ": at most 2^30 - 1 tokens, got ", q.size(0));
   TORCH_CHECK(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
   rope::check_rope_nd_args(q, positions, sections, theta);
 }
@@ -140,8 +142,10 @@ std::tuple<at::Tensor, at::Tensor> rope_attention_fused_forward_cuda(
   params.heads = static_cast<int>(heads);
   params.row_stride = heads * head_dim;
   params.scale_log2 = static_cast<float>(resolve_scale(softmax_scale, head_dim) * M_LOG2E);
+  // max_seqlen only sizes the grid (blocks stride over longer items); no item is longer
+  // than L.
   launch_rope_attention_forward(params, q.scalar_type(), static_cast<int>(head_dim),
-                                static_cast<int>(cu.size(0) - 1), max_seqlen);
+                                static_cast<int>(cu.size(0) - 1), std::min(max_seqlen, total));
   return {out, lse};
 }
 
@@ -198,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_fused_backward_cud
   params.scale = static_cast<float>(scale);
   params.scale_log2 = static_cast<float>(scale * M_LOG2E);
   launch_rope_attention_backward(params, q.scalar_type(), static_cast<int>(head_dim),
-                                 static_cast<int>(cu.size(0) - 1), max_seqlen);
+                                 static_cast<int>(cu.size(0) - 1), std::min(max_seqlen, total));
   return {dq, dk, dv};
 }
 

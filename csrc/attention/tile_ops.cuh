@@ -39,12 +39,15 @@ __device__ __forceinline__ uint32_t smem_address(const void* p) {
 // zeros (src-size 0) and reads nothing.
 __device__ __forceinline__ void copy_16_async(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)),
-               "l"(src), "r"(valid ? 16 : 0));
+               "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
 }
-__device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void commit_async() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 template <int N>
 __device__ __forceinline__ void wait_async() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // Two transposed 8x8 matrices: lanes 0-7 give the row addresses of the first, lanes 8-15
@@ -53,7 +56,8 @@ __device__ __forceinline__ void wait_async() {
 __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t& r0, uint32_t& r1, const void* row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
                : "=r"(r0), "=r"(r1)
-               : "r"(smem_address(row)));
+               : "r"(smem_address(row))
+               : "memory");
 }
 
 template <typename T>
@@ -121,8 +125,8 @@ struct Mma<__nv_bfloat16> {
 
 // C[16 x 8*NT] += A[16 x D] * B^T where A's 16 rows start at `a` and B's 8*NT rows at `b`,
 // both row major in shared memory with the given strides (contraction over D columns).
-// This is Q K^T (and K Q^T, V dO^T in the backward). D % 8 == 0; an odd multiple of 8 ends
-// with one m16n8k8 step, so 72 and 80 are not padded to 96.
+// This is Q K^T (and K Q^T, V dO^T in the backward). D % 8 == 0: 80 is five k16 steps and
+// 72 four plus one m16n8k8 step, so neither is padded to 96.
 template <typename T, int D, int NT, int SA, int SB>
 __device__ __forceinline__ void mma_rows_by_rows(float (&acc)[NT][4], const T* a, const T* b,
                                                  int lane) {
@@ -192,8 +196,8 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* base, int64_t 
 }
 
 // Rotates the first `valid` rows of a shared tile in place with the per-token cos/sin
-// table (token `first + r` for row r): rope_nd's rotation, rounded once to T, so the
-// values equal rope_nd's output.
+// table (token `first + r` for row r): rope_nd's angles and rotation in fp32, rounded once
+// to T (equal to rope_nd's output up to the compiler's choice of fused multiply-adds).
 template <typename T, int D, int S, int THREADS>
 __device__ __forceinline__ void rotate_tile(T* tile, const float2* __restrict__ cos_sin,
                                             int64_t first, int valid) {
