@@ -5,8 +5,9 @@ give clear errors):
 
 - :func:`rope_nd`: multi-axis rotary position embedding over (t, h, w), forward and
   backward.
-- :func:`rope_attention`: attention inside each packed item with rotary q/k (today
-  `rope_nd` + scaled-dot-product attention per item on CPU and CUDA).
+- :func:`rope_attention`: attention inside each packed item with rotary q/k, forward and
+  backward: a fused flash-attention-style CUDA kernel (fp16/bf16) or `rope_nd` + SDPA per
+  item (CPU, and the default CUDA backend; see :mod:`omnivmed_ext.attention`).
 - :func:`l1_prune` / :func:`l1_prune_padded`: medical-aware token pruning of repeated
   slices and frames, with compaction (the padded form never synchronises with a GPU).
 
