@@ -2,9 +2,15 @@
 pruning at 0.1 vs without, same data, same steps.
 
     python benchmarks/bench_train.py [--steps 20]
+    python benchmarks/bench_train.py --memory omnivmed-1.5b-shape   # GPU: memory per GPU
 
 Reports samples/s, volumes+videos per second, text and visual tokens per second and peak
 memory (CPU RSS, or GPU memory on a GPU). Stage 3 trains every parameter.
+
+--memory PRESET: peak GPU memory per GPU of stage 3 (everything trained, bf16, ZeRO-2,
+gradient checkpointing on and off) for a full-size preset; the *-shape presets have the
+released architectures with random weights, so no checkpoint is needed. Run it under the
+deepspeed launcher to measure with N GPUs (ZeRO-2 splits optimizer state and gradients).
 """
 
 from __future__ import annotations
@@ -25,10 +31,10 @@ from omnivmed.training.config import load_stage_config
 from omnivmed.training.trainer import train_stage
 
 
-def run(data: Path, out: Path, prune: bool, steps: int) -> dict:
+def run(data: Path, out: Path, prune: bool, steps: int, **overrides) -> dict:
+    settings = {"init": "preset:tiny", **DEMO_MEDIA_SETTINGS, **overrides}
     cfg = load_stage_config(packaged_config("stage3"), data=str(data), output_dir=str(out), name="stage3",
-                            init="preset:tiny", prune=prune, max_steps=steps, save_every=10**9,
-                            **DEMO_MEDIA_SETTINGS)  # fmt: skip
+                            prune=prune, max_steps=steps, save_every=10**9, **settings)  # fmt: skip
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -40,10 +46,24 @@ def run(data: Path, out: Path, prune: bool, steps: int) -> dict:
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
-    return {"prune": prune, "steps": steps, "seconds": elapsed, "samples_per_s": len(ids) / elapsed,
-            "volumes_videos_per_s": volumes_videos / elapsed,
-            "text_tokens_per_s": sum(m["tokens_per_s"] for m in metrics) / len(metrics),
-            "peak_memory_mib": peak}  # fmt: skip
+    row = {"prune": prune, "steps": steps, "seconds": elapsed, "samples_per_s": len(ids) / elapsed,
+           "volumes_videos_per_s": volumes_videos / elapsed,
+           "text_tokens_per_s": sum(m["tokens_per_s"] for m in metrics) / len(metrics),
+           "peak_memory_mib": peak}  # fmt: skip
+    if torch.cuda.is_available():
+        row["peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
+        row["world_size"] = torch.distributed.get_world_size()
+    return row
+
+
+def memory(preset: str, steps: int, data: Path, tmp: Path) -> list[dict]:
+    rows = []
+    for checkpointing in (True, False):
+        row = run(data, tmp / f"mem{checkpointing}", True, steps, init=f"preset:{preset}",
+                  gradient_checkpointing=checkpointing, zero_stage=2)  # fmt: skip
+        rows.append({"preset": preset, "gradient_checkpointing": checkpointing, **row})
+        torch.cuda.empty_cache()
+    return rows
 
 
 def main(argv=None) -> None:
@@ -52,7 +72,23 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--memory", metavar="PRESET", help="peak GPU memory of a full-size preset")
     args = parser.parse_args(argv)
+    if args.memory:
+        if not torch.cuda.is_available():
+            raise SystemExit("--memory measures GPU memory: it needs a CUDA device")
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = build_demo_dataset(Path(tmp) / "data")
+            rows = memory(args.memory, min(args.steps, 5), paths["stage3"], Path(tmp))
+        print_table(rows, [("preset", "preset", ""), ("gradient_checkpointing", "ckpt", ""),
+                           ("world_size", "GPUs", "d"), ("peak_memory_mib", "peak MiB", ".0f"),
+                           ("peak_reserved_mib", "reserved MiB", ".0f"),
+                           ("samples_per_s", "samples/s", ".2f")])  # fmt: skip
+        if not args.no_save and torch.distributed.get_rank() == 0:
+            print(
+                f"wrote {write_results(f'train_memory_{args.memory}', torch.device('cuda'), rows)}"
+            )
+        return
     with tempfile.TemporaryDirectory() as tmp:
         paths = build_demo_dataset(Path(tmp) / "data")
         rows = [run(paths["stage3"], Path(tmp) / f"run{p}", p, args.steps) for p in (False, True)]

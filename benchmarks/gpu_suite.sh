@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build, test, sanitize and benchmark on a CUDA machine, in one go. Logs and benchmark
-# JSON go to $OUT (default ./gpu_out). Usage: bash benchmarks/gpu_suite.sh [build|test|sanitize|bench]...
+# JSON go to $OUT (default ./gpu_out).
+# Usage: bash benchmarks/gpu_suite.sh [env|build|test|sanitize|bench|memory]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -46,6 +47,11 @@ for step in "${steps[@]}"; do
         $PY benchmarks/$b.py --device cuda 2>&1 | tee "$OUT/$b.log" | tail -20
       done
       cp benchmarks/results/*.json "$OUT/" 2>/dev/null
+      ;;
+    memory)
+      # Peak memory per GPU of the 1.5B architecture (random weights), stage 3, ZeRO-2.
+      $PY benchmarks/bench_train.py --memory omnivmed-1.5b-shape 2>&1 | tee "$OUT/train_memory.log" | tail -8
+      cp benchmarks/results/train_memory_*.json "$OUT/" 2>/dev/null
       ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

@@ -335,5 +335,26 @@ def test_unknown_preset_lists_known_ones():
         build_preset("omnivmed-3b")
 
 
+@pytest.mark.parametrize(
+    ("preset", "llm_params", "vision_params", "vocab"),
+    [
+        ("omnivmed-1.5b-shape", 1.54e9, 0.412e9, 151936),
+        ("omnivmed-7b-shape", 7.6e9, 0.412e9, 152064),
+    ],
+)
+def test_shape_presets_have_the_released_sizes(preset, llm_params, vision_params, vocab):
+    # Built on the meta device: shapes only, no memory, nothing downloaded.
+    with torch.device("meta"):
+        model, tokenizer = build_preset(preset)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(model.language_model) == pytest.approx(llm_params, rel=0.01)
+    assert count(model.vision_tower) == pytest.approx(vision_params, rel=0.01)
+    assert (
+        model.vision_tower.config.hidden_size // model.vision_tower.config.num_attention_heads == 72
+    )
+    # The published vocabulary is kept (the tokenizer's ids, image token included, fit in it).
+    assert model.get_input_embeddings().num_embeddings == vocab > len(tokenizer)
+
+
 def test_package_exports():
     assert omnivmed.build_preset is build_preset

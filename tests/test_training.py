@@ -288,3 +288,47 @@ def test_deepspeed_launcher_runs_two_ranks(tmp_path, tiny_data):
     assert fingerprint(out, 0) == fingerprint(out, 1)
     for a, b in zip(samples(out, 0), samples(out, 1), strict=True):
         assert not set(a) & set(b)
+
+
+def test_two_nodes_from_a_hostfile(tmp_path, tiny_data):
+    """Two nodes of one rank each, as a DeepSpeed hostfile describes them, started the way a
+    cluster without ssh between nodes starts them: the launcher once per node with
+    --no_ssh --node_rank. Here both "nodes" are this machine on loopback; every rank has
+    LOCAL_RANK 0, so anything keyed on the local rank instead of the global one shows up
+    as clashing files or duplicated data."""
+    out = tmp_path / "nodes"
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, out, epochs=2, save_every=2)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+
+    def node(rank: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
+               "--no_ssh", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
+               "--master_port", "29547", "--module", "omnivmed.cli.train", "--config", str(cfg),
+               "--no-resume"]  # fmt: skip
+        return subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+    procs = [node(0), node(1)]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    for node, (proc, log) in enumerate(zip(procs, logs, strict=True)):
+        assert proc.returncode == 0, f"node {node}:\n{log[-3000:]}"
+    assert fingerprint(out, 0) == fingerprint(out, 1)
+    rank0, rank1 = samples(out, 0), samples(out, 1)
+    assert len(rank0) == len(rank1) == 4  # 2 epochs of 8 samples / 2 ranks / 2 per batch
+    for a, b in zip(rank0, rank1, strict=True):
+        assert not set(a) & set(b)
+    # Checkpoints are shared: one folder per step with both ranks' RNG state in it.
+    checkpoints = sorted(p for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert checkpoints, "no checkpoint written"
+    assert {f.name for f in checkpoints[-1].glob("rng_rank*.pt")} == {
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+    }

@@ -13,11 +13,12 @@ import omnivmed_ext
 
 
 def registered_ops() -> list[str]:
-    namespace = torch.ops.omnivmed
+    """Every op of the omnivmed namespace (torch.ops lists only those already looked up)."""
+    prefix = "omnivmed::"
     return sorted(
-        name
-        for name in dir(namespace)
-        if isinstance(getattr(namespace, name, None), torch._ops.OpOverloadPacket)
+        name.removeprefix(prefix)
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith(prefix)
     )
 
 

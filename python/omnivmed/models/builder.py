@@ -38,6 +38,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         vision="google/siglip-base-patch16-256", llm="Qwen/Qwen2.5-3B-Instruct", connector="mlp"
     ),
 }
+# The released architectures with random weights and the built-in tokenizer, for memory
+# and throughput planning where the checkpoints are not at hand (nothing is downloaded).
+# Shapes from the published configs of SigLIP so400m-patch14-384 and Qwen2.5-1.5B/7B.
+_SO400M = dict(
+    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+    patch_size=14,
+)  # fmt: skip
+_QWEN25 = dict(model_type="qwen2", max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
+PRESETS["omnivmed-1.5b-shape"] = dict(
+    vision=_SO400M, connector="mlp", llm=dict(
+        _QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+    ),
+)  # fmt: skip
+PRESETS["omnivmed-7b-shape"] = dict(
+    vision=_SO400M, connector="mlp", llm=dict(
+        _QWEN25, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+    ),
+)  # fmt: skip
 for _strategy in ("rotary", "slice_avg", "slice_attn", "encoder3d"):
     PRESETS[f"medmvl-ct-{_strategy}"] = dict(
         vision="google/siglip-base-patch16-256", llm="Qwen/Qwen2.5-3B-Instruct",
@@ -109,7 +129,10 @@ def build_model(
         load_siglip_weights(model.vision_tower, vision_path)
     if llm_path is not None:
         model.language_model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=model.dtype)
-    model.resize_token_embeddings(len(tokenizer))
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        # Grow only: checkpoints often carry spare (padded) rows beyond the tokenizer, and
+        # the image token usually fits in them.
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     model.config.text_config.vocab_size = model.get_input_embeddings().num_embeddings
     return model, tokenizer
 
@@ -118,15 +141,17 @@ def build_preset(
     name: str, tokenizer: PreTrainedTokenizerBase | None = None, **overrides: Any
 ) -> tuple[OmniVMedForConditionalGeneration, PreTrainedTokenizerBase]:
     """Build a named preset (see `PRESETS`); `overrides` replace its arguments (e.g.
-    `vision="/data/siglip"`). Tiny presets get the built-in tiny tokenizer."""
+    `vision="/data/siglip"`). Presets built from configs (tiny-*, *-shape) get the built-in
+    tiny tokenizer; the *-shape presets keep their published vocabulary size."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     args = {**PRESETS[name], **overrides}
-    if name.startswith("tiny") and tokenizer is None:
+    from_configs = isinstance(args.get("llm"), dict)
+    if from_configs and tokenizer is None:
         tokenizer = build_tiny_tokenizer()
     args.setdefault("tokenizer", tokenizer)
     if tokenizer is not None:
         args["tokenizer"] = tokenizer
-    if isinstance(args.get("llm"), dict) and args["tokenizer"] is not None:
+    if from_configs and "vocab_size" not in args["llm"]:
         args["llm"] = {**args["llm"], "vocab_size": len(args["tokenizer"]) + 1}
     return build_model(**args)
