@@ -117,13 +117,23 @@ def test_two_ranks_on_loopback_agree_and_see_disjoint_data(tmp_path, tiny_data):
     assert set(rank0[0] + rank0[1] + rank1[0] + rank1[1]) == {f"s{i}" for i in range(8)}
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_zero_stages_train_the_same_model(tmp_path, tiny_data, zero_stage):
+@pytest.mark.parametrize(
+    ("zero_stage", "offload"),
+    [(2, False), (3, False), (2, True)],
+    ids=["zero2", "zero3", "zero2-offload"],
+)
+def test_zero_stages_train_the_same_model(tmp_path, tiny_data, zero_stage, offload):
     proc = run_cli(
         [
             "--config",
             str(
-                write_config(tmp_path / "c.yaml", tiny_data, tmp_path / "z", zero_stage=zero_stage)
+                write_config(
+                    tmp_path / "c.yaml",
+                    tiny_data,
+                    tmp_path / "z",
+                    zero_stage=zero_stage,
+                    offload=offload,
+                )
             ),
         ]
     )
@@ -133,7 +143,7 @@ def test_zero_stages_train_the_same_model(tmp_path, tiny_data, zero_stage):
     assert losses[-1] < losses[0]
     reference = tmp_path.parent / "zero_reference.json"
     fp = fingerprint(tmp_path / "z")
-    if reference.exists():  # ZeRO-2 and ZeRO-3 reach the same parameters (fp32, same data)
+    if reference.exists():  # ZeRO-2, ZeRO-3 and offload reach the same parameters (fp32)
         assert abs(fp["sum"] - json.loads(reference.read_text())["sum"]) < 1e-3 * max(
             1.0, abs(fp["sum"])
         )
