@@ -17,6 +17,7 @@ import torch
 
 pytest.importorskip("deepspeed")
 
+from omnivmed.processing.processor import ProcessorOptions
 from omnivmed.training import ConfigError, StageConfig, load_stage_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +91,8 @@ def test_one_process_overfits_a_tiny_set(tmp_path, tiny_data):
     losses = [r["loss"] for r in steps(tmp_path / "out")]
     assert len(losses) == 24 and losses[-1] < 0.5 * losses[0]
     assert (final / "model.safetensors").exists() and (final / "tokenizer_config.json").exists()
+    saved = ProcessorOptions.from_dir(final)  # inference reads media as this stage did
+    assert (saved.max_pixels, saved.min_pixels, saved.prune) == (1024, 1024, cfg.prune)
     assert (tmp_path / "out" / "tensorboard").is_dir()
 
 

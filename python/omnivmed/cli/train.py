@@ -102,9 +102,8 @@ def run_stages(stages: list[StageConfig], resume: bool = True) -> Path:
 
 def run_demo(output_dir: Path) -> None:
     from ..demo import DEMO_MEDIA_SETTINGS, build_demo_dataset
-    from ..inference import answer_question
-    from ..models import OmniVMedForConditionalGeneration, VisualKind
-    from ..processing.processor import ProcessorOptions
+    from ..inference import answer_question, load_for_inference
+    from ..models import VisualKind
 
     start = time.perf_counter()
     paths = build_demo_dataset(output_dir / "data")
@@ -118,11 +117,8 @@ def run_demo(output_dir: Path) -> None:
                                 lr=3e-3, module_lr={}, **DEMO_MEDIA_SETTINGS)  # fmt: skip
         stages.append(cfg)
     final = run_stages(stages)
-    from transformers import AutoTokenizer
-
-    model = OmniVMedForConditionalGeneration.from_pretrained(final)
-    tokenizer = AutoTokenizer.from_pretrained(final)
-    options = ProcessorOptions(**DEMO_MEDIA_SETTINGS)
+    # As a user would: the exported folder alone (weights, tokenizer, processor settings).
+    model, tokenizer, options = load_for_inference(final, device="cpu")
     print("\nquestions after stage 3:")
     for kind, key, question in ((VisualKind.IMAGE, "image", "What is the imaging modality?"),
                                 (VisualKind.VOLUME, "volume", "What is shown?"),

@@ -1,7 +1,9 @@
-"""One question about one image, volume or video: read, prune, prompt, generate."""
+"""Questions about one image, volume or video: read, prune, prompt, generate."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,30 +15,84 @@ from ..processing.prompt import expand_markers
 from ..processing.visual_batch import pack_visual_items
 
 _MARKER = {VisualKind.IMAGE: "<image>", VisualKind.VIDEO: "<video>", VisualKind.VOLUME: "<image3d>"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class Answer:
+    question: str
     text: str
     visual_tokens: int  # with pruning as configured
     visual_tokens_unpruned: int
+    seconds: float  # generation time of this answer
+
+
+def load_for_inference(
+    model_dir: str | Path, device: str = "auto", dtype: str = "auto"
+) -> tuple[torch.nn.Module, object, ProcessorOptions]:
+    """A model exported by `omnivmed-train` (or any `save_pretrained` directory of
+    `OmniVMedForConditionalGeneration`) with its tokenizer and processor settings.
+
+    `device`: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...; `dtype`: "auto"
+    (bfloat16 on a GPU that supports it, float32 otherwise), "float32", "bfloat16",
+    "float16".
+    """
+    from transformers import AutoTokenizer
+
+    from ..models import OmniVMedForConditionalGeneration
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: no saved model here (config.json missing); pass the folder written by "
+            f"save_pretrained, e.g. <output>/stage3/final"
+        )
+    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          "cpu" if device == "auto" else device)  # fmt: skip
+    if dtype == "auto":
+        on_gpu = target.type == "cuda" and torch.cuda.is_bf16_supported()
+        torch_dtype = torch.bfloat16 if on_gpu else torch.float32
+    elif dtype in _DTYPES:
+        torch_dtype = _DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
+    model = OmniVMedForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+    model.to(target).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, ProcessorOptions.from_dir(path)
 
 
 @torch.no_grad()
-def answer_question(model, tokenizer, kind: VisualKind, path: str | Path, question: str,
-                    options: ProcessorOptions | None = None, max_new_tokens: int = 48) -> Answer:  # fmt: skip
+def answer_questions(model, tokenizer, kind: VisualKind, path: str | Path, questions: Sequence[str],
+                     options: ProcessorOptions | None = None, max_new_tokens: int = 48) -> list[Answer]:  # fmt: skip
+    """Greedy answers to each question about one medium, read and pruned once, on the
+    model's device."""
     processor = OmniVMedProcessor(model.config, tokenizer, options)
     item = processor.load(Media(kind, path))
     visual = pack_visual_items([item], model.config, prune=processor.options.prune,
                                threshold=processor.options.prune_threshold)  # fmt: skip
-    question_turn = [{"role": "user", "content": f"{_MARKER[kind]}\n{question}"}]
-    messages = expand_markers(question_turn, visual.token_counts, model.config.image_token)
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    device = next(model.parameters()).device
+    visual_inputs = {k: v.to(device) if torch.is_tensor(v) else v
+                     for k, v in visual.model_inputs().items()}  # fmt: skip
     model.eval()
-    out = model.generate(**inputs, **visual.model_inputs(), max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    text = tokenizer.decode(
-        out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-    ).strip()
-    return Answer(text, visual.token_counts[0], visual.unpruned_counts[0])
+    answers = []
+    for question in questions:
+        start = time.perf_counter()
+        turn = [{"role": "user", "content": f"{_MARKER[kind]}\n{question}"}]
+        messages = expand_markers(turn, visual.token_counts, model.config.image_token)
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+        out = model.generate(**inputs, **visual_inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        text = tokenizer.decode(
+            out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        ).strip()
+        answers.append(Answer(question, text, visual.token_counts[0], visual.unpruned_counts[0],
+                              time.perf_counter() - start))  # fmt: skip
+    return answers
+
+
+def answer_question(model, tokenizer, kind: VisualKind, path: str | Path, question: str,
+                    options: ProcessorOptions | None = None, max_new_tokens: int = 48) -> Answer:  # fmt: skip
+    """One greedy answer (see `answer_questions`)."""
+    return answer_questions(model, tokenizer, kind, path, [question], options, max_new_tokens)[0]

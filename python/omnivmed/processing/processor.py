@@ -3,6 +3,8 @@ counts. One place that ties reading, intensity, resizing, patchify + prune and p
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,35 @@ class ProcessorOptions:
     max_bytes: int = DEFAULT_MAX_BYTES
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the settings next to a saved model (`processor_config.json`), so inference
+        reads media exactly as training did."""
+        path = Path(directory) / PROCESSOR_CONFIG_NAME
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> ProcessorOptions:
+        """The settings saved with a model; the defaults when the directory has none."""
+        path = Path(directory) / PROCESSOR_CONFIG_NAME
+        if not path.exists():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
+        for key in ("image_mean", "image_std"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+PROCESSOR_CONFIG_NAME = "processor_config.json"
 
 
 @dataclass

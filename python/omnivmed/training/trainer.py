@@ -155,11 +155,15 @@ def deepspeed_config(cfg: StageConfig) -> dict[str, Any]:
     }
 
 
+def processor_options(cfg: StageConfig) -> ProcessorOptions:
+    """How this stage reads media; saved with the exported model for inference."""
+    return ProcessorOptions(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, max_slices=cfg.max_slices,
+                            video_fps=cfg.video_fps, prune=cfg.prune, prune_threshold=cfg.prune_threshold)  # fmt: skip
+
+
 def build_dataset(cfg: StageConfig, model, tokenizer):
     check_data(cfg)
-    options = ProcessorOptions(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, max_slices=cfg.max_slices, video_fps=cfg.video_fps,
-                               prune=cfg.prune, prune_threshold=cfg.prune_threshold)  # fmt: skip
-    processor = OmniVMedProcessor(model.config, tokenizer, options)
+    processor = OmniVMedProcessor(model.config, tokenizer, processor_options(cfg))
     if cfg.data.endswith((".yaml", ".yml")):
         return load_mixture(cfg.data, processor, on_error=cfg.on_error, prune=cfg.prune)
     return InstructionDataset(
@@ -316,7 +320,7 @@ def train_stage(
     final = out_dir / "final"
     write_fingerprint(engine, out_dir / f"fingerprint_rank{rank}.json", cfg.zero_stage, step)
     if step >= total_steps:
-        export(engine, tokenizer, final, cfg.zero_stage, rank)
+        export(engine, tokenizer, final, cfg.zero_stage, rank, processor_options(cfg))
     barrier()
     return final
 
@@ -341,8 +345,11 @@ def write_fingerprint(engine, path: Path, zero_stage: int, step: int) -> None:
     path.write_text(json.dumps({"step": step, "sha256": digest.hexdigest(), "sum": total}))
 
 
-def export(engine, tokenizer, path: Path, zero_stage: int, rank: int) -> None:
-    """save_pretrained (safetensors) of the whole model, gathered under ZeRO-3."""
+def export(
+    engine, tokenizer, path: Path, zero_stage: int, rank: int, options: ProcessorOptions
+) -> None:
+    """save_pretrained (safetensors) of the whole model, gathered under ZeRO-3, with its
+    tokenizer and processor settings."""
     import deepspeed
 
     model = engine.module
@@ -352,3 +359,4 @@ def export(engine, tokenizer, path: Path, zero_stage: int, rank: int) -> None:
             merge_lora(model)
             model.save_pretrained(path, safe_serialization=True)
             tokenizer.save_pretrained(path)
+            options.save(path)

@@ -1,0 +1,94 @@
+"""omnivmed-infer: answer questions about one image, volume (NIfTI, DICOM series folder,
+.npy) or video with a saved model.
+
+    omnivmed-infer runs/demo/stage3/final --volume ct_series/ -q "Which organ is shown?"
+    omnivmed-infer MODEL --video clip.mp4 -q "What is shown?" -q "Is there bleeding?" --json
+
+Media are read with the processor settings saved next to the model (processor_config.json,
+written by omnivmed-train); the flags below override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..models.token_counts import VisualKind
+from ..processing.errors import MediaError
+
+
+def _options(args, saved):
+    overrides = {
+        "max_pixels": args.max_pixels,
+        "min_pixels": args.min_pixels,
+        "max_slices": args.max_slices,
+        "video_fps": args.video_fps,
+        "ct_window": args.ct_window,
+        "prune_threshold": args.prune_threshold,
+    }
+    options = dataclasses.replace(saved, **{k: v for k, v in overrides.items() if v is not None})
+    if args.no_prune:
+        options = dataclasses.replace(options, prune=False)
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="omnivmed-infer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("model", help="a folder saved by save_pretrained (e.g. <run>/stage3/final)")
+    media = parser.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image", help="an image file (PNG, JPEG, TIFF, ...)")
+    media.add_argument("--volume", help="a NIfTI file, a DICOM series folder or a .npy/.npz volume")
+    media.add_argument("--video", help="a video file or a folder of frames")
+    parser.add_argument("-q", "--question", action="append", required=True,
+                        help="a question (repeat for several; the medium is read once)")  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--no-prune", action="store_true", help="keep every visual token")
+    parser.add_argument("--prune-threshold", type=float, help="L1 pruning threshold")
+    parser.add_argument("--max-pixels", type=int)
+    parser.add_argument("--min-pixels", type=int)
+    parser.add_argument("--max-slices", type=int)
+    parser.add_argument("--video-fps", type=float)
+    parser.add_argument("--ct-window", help="CT window name (e.g. abdomen, lung, bone, brain)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
+
+    from ..inference import answer_questions, load_for_inference
+
+    kind, path = next((k, p) for k, p in ((VisualKind.IMAGE, args.image), (VisualKind.VOLUME, args.volume),
+                                          (VisualKind.VIDEO, args.video)) if p is not None)  # fmt: skip
+    try:
+        start = time.perf_counter()
+        model, tokenizer, saved = load_for_inference(args.model, args.device, args.dtype)
+        loaded = time.perf_counter() - start
+        options = _options(args, saved)
+        answers = answer_questions(model, tokenizer, kind, path, args.question, options,
+                                   args.max_new_tokens)  # fmt: skip
+    except (FileNotFoundError, MediaError, ValueError) as exc:
+        print(f"omnivmed-infer: {exc}", file=sys.stderr)
+        return 2
+    device = str(next(model.parameters()).device)
+    if args.json:
+        report = {"model": args.model, "media": {"kind": kind.name.lower(), "path": path},
+                  "device": device, "load_seconds": loaded,
+                  "answers": [dataclasses.asdict(a) for a in answers]}  # fmt: skip
+        print(json.dumps(report, indent=2))
+        return 0
+    first = answers[0]
+    print(f"{kind.name.lower()} {Path(path).name}: {first.visual_tokens} visual tokens "
+          f"({first.visual_tokens_unpruned} without pruning); model on {device}")  # fmt: skip
+    for a in answers:
+        print(f"Q: {a.question}\nA: {a.text}  [{a.seconds:.2f} s]")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
