@@ -179,9 +179,10 @@ def _rotate(x, positions, sections, theta, inverse=False):
     return torch.ops.omnivmed.rope_nd(x, positions, sections, float(theta), inverse)
 
 
-def _forward_cpu(
-    q, k, v, positions, cu_seqlens, max_seqlen, sections, theta=10000.0, softmax_scale=None
-):
+def _forward_per_item(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale,
+                      attend_item):  # fmt: skip
+    # rope_nd, then one attention call per item: attend_item(rq, rk, v, scale) on
+    # [1, H, l, D] views returns (out [1, H, l, D], lse [1, H, >= l]).
     check_rope_attention_args(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta)
     bounds = validate_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     rq, rk = (_rotate(x, positions, sections, theta) for x in (q, k))
@@ -190,12 +191,31 @@ def _forward_cpu(
     scale = _scale(q, softmax_scale)
     for a, b in itertools.pairwise(bounds):
         if b > a:
-            o, item_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                *(_heads_first(x[a:b]) for x in (rq, rk, v)), 0.0, False, scale=scale
-            )
+            o, item_lse = attend_item(*(_heads_first(x[a:b]) for x in (rq, rk, v)), scale)
             out[a:b] = o[0].transpose(0, 1)
-            lse[:, a:b] = item_lse[0]
+            lse[:, a:b] = item_lse[0, :, : b - a]
     return out, lse
+
+
+def _cpu_flash_item(rq, rk, v, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        rq, rk, v, 0.0, False, scale=scale
+    )
+
+
+def _cuda_efficient_item(rq, rk, v, scale):
+    # Its log-sum-exp rows are padded to a multiple of 32 (sliced off by the caller).
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        rq, rk, v, None, True, scale=scale
+    )
+    return out, lse
+
+
+def _forward_cpu(
+    q, k, v, positions, cu_seqlens, max_seqlen, sections, theta=10000.0, softmax_scale=None
+):
+    return _forward_per_item(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta,
+                             softmax_scale, _cpu_flash_item)  # fmt: skip
 
 
 def _backward_cpu(
@@ -225,24 +245,13 @@ def _backward_cpu(
 def _forward_cuda(
     q, k, v, positions, cu_seqlens, max_seqlen, sections, theta=10000.0, softmax_scale=None
 ):
-    check_rope_attention_args(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta)
     if _use_fused(q):
+        check_rope_attention_args(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta)
         return torch.ops.omnivmed._rope_attention_fused_forward.default(
             q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
         )
-    bounds = validate_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
-    rq, rk = (_rotate(x, positions, sections, theta) for x in (q, k))
-    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    lse = q.new_zeros((q.shape[1], q.shape[0]), dtype=torch.float32)
-    scale = _scale(q, softmax_scale)
-    for a, b in itertools.pairwise(bounds):
-        if b > a:
-            o, item_lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-                *(_heads_first(x[a:b]) for x in (rq, rk, v)), None, True, scale=scale
-            )
-            out[a:b] = o[0].transpose(0, 1)
-            lse[:, a:b] = item_lse[0, :, : b - a]  # rows are padded to a multiple of 32
-    return out, lse
+    return _forward_per_item(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta,
+                             softmax_scale, _cuda_efficient_item)  # fmt: skip
 
 
 def _backward_cuda(

@@ -279,40 +279,25 @@ void launch_main(const BwdParams& params, int num_items, int64_t max_seqlen,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
-void launch_all(const BwdParams& params, int head_dim, int num_items, int64_t max_seqlen,
-                cudaStream_t stream) {
-  const int64_t rows = params.total * params.heads;
-  if (rows == 0) return;
-  rope_attention_delta_kernel<T><<<blocks_for(rows * 32, 256), 256, 0, stream>>>(
-      static_cast<const T*>(params.grad), static_cast<const T*>(params.out), params.delta, rows,
-      params.heads, head_dim);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  switch (head_dim) {
-    case 64: launch_main<T, 64>(params, num_items, max_seqlen, stream); break;
-    case 72: launch_main<T, 72>(params, num_items, max_seqlen, stream); break;
-    case 80: launch_main<T, 80>(params, num_items, max_seqlen, stream); break;
-    case 96: launch_main<T, 96>(params, num_items, max_seqlen, stream); break;
-    case 128: launch_main<T, 128>(params, num_items, max_seqlen, stream); break;
-    default: TORCH_CHECK(false, "rope_attention: no CUDA kernel for head dim ", head_dim);
-  }
-  rope_attention_dq_kernel<T><<<blocks_for(rows * head_dim / 2, 256), 256, 0, stream>>>(
-      params.dq_accum, params.cos_sin, static_cast<T*>(params.dq), rows, params.heads, head_dim,
-      params.scale);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 }  // namespace
 
 void launch_rope_attention_backward(const BwdParams& params, at::ScalarType dtype, int head_dim,
                                     int num_items, int64_t max_seqlen) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (dtype == at::kHalf) {
-    launch_all<__half>(params, head_dim, num_items, max_seqlen, stream);
-  } else {
-    TORCH_CHECK(dtype == at::kBFloat16, "rope_attention: fused kernel needs float16/bfloat16");
-    launch_all<__nv_bfloat16>(params, head_dim, num_items, max_seqlen, stream);
-  }
+  const int64_t rows = params.total * params.heads;
+  if (rows == 0) return;
+  dispatch_kernel_variant(dtype, head_dim, [&](auto type_tag, auto dim) {
+    using T = decltype(type_tag);
+    rope_attention_delta_kernel<T><<<blocks_for(rows * 32, 256), 256, 0, stream>>>(
+        static_cast<const T*>(params.grad), static_cast<const T*>(params.out), params.delta,
+        rows, params.heads, head_dim);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_main<T, decltype(dim)::value>(params, num_items, max_seqlen, stream);
+    rope_attention_dq_kernel<T><<<blocks_for(rows * head_dim / 2, 256), 256, 0, stream>>>(
+        params.dq_accum, params.cos_sin, static_cast<T*>(params.dq), rows, params.heads, head_dim,
+        params.scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace attention

@@ -161,30 +161,14 @@ void launch(const FwdParams& params, int num_items, int64_t max_seqlen, cudaStre
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
-void launch_for_dim(const FwdParams& params, int head_dim, int num_items, int64_t max_seqlen,
-                    cudaStream_t stream) {
-  switch (head_dim) {
-    case 64: return launch<T, 64>(params, num_items, max_seqlen, stream);
-    case 72: return launch<T, 72>(params, num_items, max_seqlen, stream);
-    case 80: return launch<T, 80>(params, num_items, max_seqlen, stream);
-    case 96: return launch<T, 96>(params, num_items, max_seqlen, stream);
-    case 128: return launch<T, 128>(params, num_items, max_seqlen, stream);
-    default: TORCH_CHECK(false, "rope_attention: no CUDA kernel for head dim ", head_dim);
-  }
-}
-
 }  // namespace
 
 void launch_rope_attention_forward(const FwdParams& params, at::ScalarType dtype, int head_dim,
                                    int num_items, int64_t max_seqlen) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (dtype == at::kHalf) {
-    launch_for_dim<__half>(params, head_dim, num_items, max_seqlen, stream);
-  } else {
-    TORCH_CHECK(dtype == at::kBFloat16, "rope_attention: fused kernel needs float16/bfloat16");
-    launch_for_dim<__nv_bfloat16>(params, head_dim, num_items, max_seqlen, stream);
-  }
+  dispatch_kernel_variant(dtype, head_dim, [&](auto type_tag, auto dim) {
+    launch<decltype(type_tag), decltype(dim)::value>(params, num_items, max_seqlen, stream);
+  });
 }
 
 }  // namespace attention

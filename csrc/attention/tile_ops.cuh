@@ -13,7 +13,10 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
+#include <c10/util/Exception.h>
+#include <c10/core/ScalarType.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -223,6 +226,26 @@ __device__ __forceinline__ float quad_sum(float x) {
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// Host-side dispatch shared by the forward and backward launchers: f(T{}, D) with T the
+// CUDA 16-bit type and D a std::integral_constant head dim (one kernel per pair).
+template <typename F>
+void dispatch_kernel_variant(c10::ScalarType dtype, int head_dim, F&& f) {
+  auto with_dim = [&](auto type_tag) {
+    switch (head_dim) {
+      case 64: return f(type_tag, std::integral_constant<int, 64>{});
+      case 72: return f(type_tag, std::integral_constant<int, 72>{});
+      case 80: return f(type_tag, std::integral_constant<int, 80>{});
+      case 96: return f(type_tag, std::integral_constant<int, 96>{});
+      case 128: return f(type_tag, std::integral_constant<int, 128>{});
+      default: TORCH_CHECK(false, "rope_attention: no CUDA kernel for head dim ", head_dim);
+    }
+  };
+  if (dtype == c10::ScalarType::Half) return with_dim(__half{});
+  TORCH_CHECK(dtype == c10::ScalarType::BFloat16,
+              "rope_attention: the fused kernel takes float16 or bfloat16, got ", dtype);
+  return with_dim(__nv_bfloat16{});
 }
 
 }  // namespace attention
