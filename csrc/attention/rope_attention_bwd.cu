@@ -265,20 +265,6 @@ int blocks_for(int64_t work, int threads) {
   return static_cast<int>(std::min<int64_t>((work + threads - 1) / threads, 1 << 20));
 }
 
-template <typename T, int D>
-void launch_main(const BwdParams& params, int num_items, int64_t max_seqlen,
-                 cudaStream_t stream) {
-  using Tile = BwdTile<D>;
-  auto kernel = rope_attention_bwd_kernel<T, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(Tile::kSmemBytes)));
-  const int64_t n_blocks = std::max<int64_t>(1, (max_seqlen + Tile::kBlockN - 1) / Tile::kBlockN);
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(n_blocks, 1 << 30)), params.heads,
-                  num_items);
-  kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 }  // namespace
 
 void launch_rope_attention_backward(const BwdParams& params, at::ScalarType dtype, int head_dim,
@@ -292,7 +278,9 @@ void launch_rope_attention_backward(const BwdParams& params, at::ScalarType dtyp
         static_cast<const T*>(params.grad), static_cast<const T*>(params.out), params.delta,
         rows, params.heads, head_dim);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_main<T, decltype(dim)::value>(params, num_items, max_seqlen, stream);
+    using Tile = BwdTile<decltype(dim)::value>;
+    launch_over_tiles(rope_attention_bwd_kernel<T, decltype(dim)::value>, params, Tile::kThreads,
+                      Tile::kSmemBytes, Tile::kBlockN, max_seqlen, num_items, stream);
     rope_attention_dq_kernel<T><<<blocks_for(rows * head_dim / 2, 256), 256, 0, stream>>>(
         params.dq_accum, params.cos_sin, static_cast<T*>(params.dq), rows, params.heads, head_dim,
         params.scale);

@@ -148,26 +148,16 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, 1)
   }
 }
 
-template <typename T, int D>
-void launch(const FwdParams& params, int num_items, int64_t max_seqlen, cudaStream_t stream) {
-  using Tile = FwdTile<D>;
-  auto kernel = rope_attention_fwd_kernel<T, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(Tile::kSmemBytes)));
-  const int64_t m_blocks = std::max<int64_t>(1, (max_seqlen + Tile::kBlockM - 1) / Tile::kBlockM);
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(m_blocks, 1 << 30)), params.heads,
-                  num_items);
-  kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 }  // namespace
 
 void launch_rope_attention_forward(const FwdParams& params, at::ScalarType dtype, int head_dim,
                                    int num_items, int64_t max_seqlen) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_kernel_variant(dtype, head_dim, [&](auto type_tag, auto dim) {
-    launch<decltype(type_tag), decltype(dim)::value>(params, num_items, max_seqlen, stream);
+    using Tile = FwdTile<decltype(dim)::value>;
+    launch_over_tiles(rope_attention_fwd_kernel<decltype(type_tag), decltype(dim)::value>, params,
+                      Tile::kThreads, Tile::kSmemBytes, Tile::kBlockM, max_seqlen, num_items,
+                      stream);
   });
 }
 

@@ -15,8 +15,11 @@
 #include <cstdint>
 #include <type_traits>
 
-#include <c10/util/Exception.h>
+#include <algorithm>
+
 #include <c10/core/ScalarType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -226,6 +229,21 @@ __device__ __forceinline__ float quad_sum(float x) {
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// Launches `kernel` on a (tiles, heads, items) grid: enough tiles of `tile_rows` for an
+// item of max_seqlen tokens (blocks stride over longer items), with its dynamic shared
+// memory allowed past the 48 KB default.
+template <typename Kernel, typename Params>
+void launch_over_tiles(Kernel kernel, const Params& params, int threads, size_t smem_bytes,
+                       int tile_rows, int64_t max_seqlen, int num_items, cudaStream_t stream) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem_bytes)));
+  const int64_t tiles = std::max<int64_t>(1, (max_seqlen + tile_rows - 1) / tile_rows);
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, 1 << 30)), params.heads,
+                  num_items);
+  kernel<<<grid, threads, smem_bytes, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Host-side dispatch shared by the forward and backward launchers: f(T{}, D) with T the
