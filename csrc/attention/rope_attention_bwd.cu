@@ -40,10 +40,10 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads, 1)
   constexpr int SP = Tile::kScoreStride;
   constexpr int MT = BM / 8;  // score tiles along the queries
   constexpr int DT = D / 8;
-  const int head = blockIdx.y;
-  const int item = blockIdx.z;
-  const int64_t start = p.cu_seqlens[item];
-  const int len = static_cast<int>(p.cu_seqlens[item + 1] - start);
+  const BlockTask task = block_task(p.cu_seqlens);
+  const int64_t start = task.start;
+  const int len = task.len, head = task.head;
+  const int warp = task.warp, lane = task.lane, g = task.g, c = task.c;
 
   extern __shared__ __align__(16) unsigned char smem[];
   T* k_s = reinterpret_cast<T*>(smem);
@@ -55,10 +55,6 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads, 1)
   float* delta_s = lse_s + BM;
   float* dk_f = reinterpret_cast<float*>(smem);  // epilogue only, over everything above
 
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int g = lane >> 2;
-  const int c = lane & 3;
   const T* q = static_cast<const T*>(p.q) + head * D;
   const T* k = static_cast<const T*>(p.k) + head * D;
   const T* v = static_cast<const T*>(p.v) + head * D;

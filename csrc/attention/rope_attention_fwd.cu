@@ -31,20 +31,16 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, 1)
   constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN, S = Tile::kStride;
   constexpr int NT = BN / 8;  // score tiles per warp row block
   constexpr int DT = D / 8;   // output tiles
-  const int head = blockIdx.y;
-  const int item = blockIdx.z;
-  const int64_t start = p.cu_seqlens[item];
-  const int len = static_cast<int>(p.cu_seqlens[item + 1] - start);
+  const BlockTask task = block_task(p.cu_seqlens);
+  const int64_t start = task.start;
+  const int len = task.len, head = task.head;
+  const int warp = task.warp, lane = task.lane, g = task.g, c = task.c;
 
   extern __shared__ __align__(16) unsigned char smem[];
   T* q_s = reinterpret_cast<T*>(smem);
   T* k_s = q_s + BM * S;
   T* v_s = k_s + BN * S;
 
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int g = lane >> 2;
-  const int c = lane & 3;
   const T* q = static_cast<const T*>(p.q) + head * D;
   const T* k = static_cast<const T*>(p.k) + head * D;
   const T* v = static_cast<const T*>(p.v) + head * D;

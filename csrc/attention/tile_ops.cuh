@@ -221,6 +221,27 @@ __device__ __forceinline__ void rotate_tile(T* tile, const float2* __restrict__ 
   }
 }
 
+// What a block of the (tiles, heads, items) grid works on: its item's first token and
+// length, its head, and the lane coordinates of the fragment layouts.
+struct BlockTask {
+  int64_t start;  // first token of the item
+  int len;        // tokens in the item
+  int head;
+  int warp, lane, g, c;
+};
+
+__device__ __forceinline__ BlockTask block_task(const int* __restrict__ cu_seqlens) {
+  BlockTask t;
+  t.start = cu_seqlens[blockIdx.z];
+  t.len = static_cast<int>(cu_seqlens[blockIdx.z + 1] - t.start);
+  t.head = blockIdx.y;
+  t.warp = threadIdx.x / 32;
+  t.lane = threadIdx.x % 32;
+  t.g = t.lane >> 2;
+  t.c = t.lane & 3;
+  return t;
+}
+
 // Sums over the 4 lanes of a quad (the lanes holding one fragment row).
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
