@@ -67,76 +67,82 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads, 1)
     const int valid_n = min(BN, len - n0);
     load_tile_async<T, D, S, BN, Tile::kThreads>(k_s, k, p.row_stride, start + n0, valid_n);
     load_tile_async<T, D, S, BN, Tile::kThreads>(v_s, v, p.row_stride, start + n0, valid_n);
+    load_tile_async<T, D, S, BM, Tile::kThreads>(q_s, q, p.row_stride, start, min(BM, len));
+    load_tile_async<T, D, S, BM, Tile::kThreads>(do_s, dout, p.row_stride, start, min(BM, len));
     commit_async();
 
     float dv[DT][4] = {};
     float dk[DT][4] = {};
     const int key_row0 = warp * 16;
+    const bool keys_active = key_row0 < valid_n;  // warp-uniform
 
     for (int m0 = 0; m0 < len; m0 += BM) {
       const int valid_m = min(BM, len - m0);
-      load_tile_async<T, D, S, BM, Tile::kThreads>(q_s, q, p.row_stride, start + m0, valid_m);
-      load_tile_async<T, D, S, BM, Tile::kThreads>(do_s, dout, p.row_stride, start + m0,
-                                                    valid_m);
-      commit_async();
       for (int r = threadIdx.x; r < BM; r += Tile::kThreads) {
         // Queries past the item get lse = +inf: their P is exactly 0.
         lse_s[r] = r < valid_m ? lse[start + m0 + r] * kLog2e : INFINITY;
         delta_s[r] = r < valid_m ? delta[start + m0 + r] : 0.f;
       }
-      wait_async<0>();
+      wait_async<0>();  // Q and dO of this tile (and K, V on the first)
       __syncthreads();
       if (m0 == 0) rotate_tile<T, D, S, Tile::kThreads>(k_s, p.cos_sin, start + n0, valid_n);
       rotate_tile<T, D, S, Tile::kThreads>(q_s, p.cos_sin, start + m0, valid_m);
       __syncthreads();
 
-      // P^T (keys x queries) for this warp's 16 keys.
-      float pt[MT][4] = {};
-      mma_rows_by_rows<T, D, MT, S, S>(pt, k_s + key_row0 * S, q_s, lane);
+      if (keys_active) {
+        // P^T (keys x queries) for this warp's 16 keys.
+        float pt[MT][4] = {};
+        mma_rows_by_rows<T, D, MT, S, S>(pt, k_s + key_row0 * S, q_s, lane);
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
+        for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int query = mt * 8 + 2 * c + (e & 1);
-          const int key = key_row0 + g + 8 * (e >> 1);
-          pt[mt][e] = key < valid_n ? exp2f(pt[mt][e] * p.scale_log2 - lse_s[query]) : 0.f;
+          for (int e = 0; e < 4; ++e) {
+            const int query = mt * 8 + 2 * c + (e & 1);
+            const int key = key_row0 + g + 8 * (e >> 1);
+            pt[mt][e] = key < valid_n ? exp2f(pt[mt][e] * p.scale_log2 - lse_s[query]) : 0.f;
+          }
         }
-      }
-      // dV += P^T dO
+        // dV += P^T dO
 #pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-        uint32_t a[4];
-        pack_a_fragment<T, MT>(pt, kk, a);
-        mma_a_by_tile<T, D, S>(dv, a, do_s + kk * 16 * S, lane);
-      }
-      // dS^T = P^T * (V dO^T - delta)
-      float ds[MT][4] = {};
-      mma_rows_by_rows<T, D, MT, S, S>(ds, v_s + key_row0 * S, do_s, lane);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int query = mt * 8 + 2 * c + (e & 1);
-          ds[mt][e] = pt[mt][e] * (ds[mt][e] - delta_s[query]);
+        for (int kk = 0; kk < BM / 16; ++kk) {
+          uint32_t a[4];
+          pack_a_fragment<T, MT>(pt, kk, a);
+          mma_a_by_tile<T, D, S>(dv, a, do_s + kk * 16 * S, lane);
         }
-      }
-      // dK += dS^T Q (scaled in the epilogue); dS goes to shared memory for dQ.
+        // dS^T = P^T * (V dO^T - delta)
+        float ds[MT][4] = {};
+        mma_rows_by_rows<T, D, MT, S, S>(ds, v_s + key_row0 * S, do_s, lane);
 #pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-        uint32_t a[4];
-        pack_a_fragment<T, MT>(ds, kk, a);
-        mma_a_by_tile<T, D, S>(dk, a, q_s + kk * 16 * S, lane);
-      }
+        for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int query = mt * 8 + 2 * c + (e & 1);
-          const int key = key_row0 + g + 8 * (e >> 1);
-          ds_s[query * SP + key] = Mma<T>::from_float(ds[mt][e]);
+          for (int e = 0; e < 4; ++e) {
+            const int query = mt * 8 + 2 * c + (e & 1);
+            ds[mt][e] = pt[mt][e] * (ds[mt][e] - delta_s[query]);
+          }
         }
+        // dK += dS^T Q (scaled in the epilogue); dS goes to shared memory for dQ.
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+          uint32_t a[4];
+          pack_a_fragment<T, MT>(ds, kk, a);
+          mma_a_by_tile<T, D, S>(dk, a, q_s + kk * 16 * S, lane);
+        }
+        store_transposed<T, MT, SP>(ds_s, ds, key_row0, lane);
+      } else {
+        // Keys past the item: their dS columns are zeros (dQ reads every column).
+        const float zeros[MT][4] = {};
+        store_transposed<T, MT, SP>(ds_s, zeros, key_row0, lane);
       }
-      __syncthreads();
+      __syncthreads();  // dS is complete; Q and dO of this tile are no longer read
+
+      // The next query tile's Q and dO load while dQ is accumulated.
+      if (m0 + BM < len) {
+        load_tile_async<T, D, S, BM, Tile::kThreads>(q_s, q, p.row_stride, start + m0 + BM,
+                                                      min(BM, len - m0 - BM));
+        load_tile_async<T, D, S, BM, Tile::kThreads>(do_s, dout, p.row_stride, start + m0 + BM,
+                                                      min(BM, len - m0 - BM));
+      }
+      commit_async();  // possibly empty
 
       // dQ (queries x D) += dS K over this block's keys: (16-query, 8-column) units shared
       // out over the warps, each added to the fp32 accumulator with atomics.
@@ -144,6 +150,7 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads, 1)
       for (int unit = warp; unit < kUnits; unit += Tile::kWarps) {
         const int mq = unit / DT;
         const int dt = unit - mq * DT;
+        if (mq * 16 >= valid_m) continue;  // warp-uniform: rows past the item
         float acc[1][4] = {};
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
@@ -169,8 +176,12 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads, 1)
           }
         }
       }
-      __syncthreads();  // q_s, do_s and ds_s are refilled by the next query tile
+      // No barrier here: the next tile rewrites lse/delta (last read before the barrier
+      // above) and dS (only after its own two barriers, which every warp reaches after
+      // finishing its dQ units).
     }
+    wait_async<0>();  // only empty groups can be pending here
+    __syncthreads();  // dQ is done with dS and K: the epilogue reuses all shared memory
 
     // dV out; dK through shared memory (fp32) for its inverse rotation.
 #pragma unroll

@@ -68,39 +68,43 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, 1)
       rotate_tile<T, D, S, Tile::kThreads>(k_s, p.cos_sin, start + n0, valid_n);
       __syncthreads();
 
+      // Warps whose 16 query rows all lie past the item only help load and rotate.
+      const bool rows_active = warp * 16 < valid_m;
       float s[NT][4] = {};
-      mma_rows_by_rows<T, D, NT, S, S>(s, q_s + warp * 16 * S, k_s, lane);
+      if (rows_active) {
+        mma_rows_by_rows<T, D, NT, S, S>(s, q_s + warp * 16 * S, k_s, lane);
 
-      // Keys past the item take no weight; scores go to the log2 domain.
-      float tile_max[2] = {-INFINITY, -INFINITY};
+        // Keys past the item take no weight; scores go to the log2 domain.
+        float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
+        for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = nt * 8 + 2 * c + (e & 1);
-          s[nt][e] = col < valid_n ? s[nt][e] * p.scale_log2 : -INFINITY;
-          tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
+          for (int e = 0; e < 4; ++e) {
+            const int col = nt * 8 + 2 * c + (e & 1);
+            s[nt][e] = col < valid_n ? s[nt][e] * p.scale_log2 : -INFINITY;
+            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
+          }
         }
-      }
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float new_max = fmaxf(row_max[r], quad_max(tile_max[r]));
-        // Every row sees at least one valid key in the first tile, so new_max is finite.
-        const float alpha = exp2f(row_max[r] - new_max);
-        row_max[r] = new_max;
-        row_sum[r] *= alpha;
+        for (int r = 0; r < 2; ++r) {
+          const float new_max = fmaxf(row_max[r], quad_max(tile_max[r]));
+          // Every row sees at least one valid key in the first tile, so new_max is finite.
+          const float alpha = exp2f(row_max[r] - new_max);
+          row_max[r] = new_max;
+          row_sum[r] *= alpha;
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-          o[dt][2 * r] *= alpha;
-          o[dt][2 * r + 1] *= alpha;
+          for (int dt = 0; dt < DT; ++dt) {
+            o[dt][2 * r] *= alpha;
+            o[dt][2 * r + 1] *= alpha;
+          }
         }
-      }
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
+        for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[nt][e] = exp2f(s[nt][e] - row_max[e >> 1]);
-          row_sum[e >> 1] += s[nt][e];
+          for (int e = 0; e < 4; ++e) {
+            s[nt][e] = exp2f(s[nt][e] - row_max[e >> 1]);
+            row_sum[e >> 1] += s[nt][e];
+          }
         }
       }
 
@@ -112,11 +116,13 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, 1)
       }
       commit_async();  // possibly empty: keeps the group count uniform
 
+      if (rows_active) {
 #pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        uint32_t a[4];
-        pack_a_fragment<T, NT>(s, kk, a);
-        mma_a_by_tile<T, D, S>(o, a, v_s + kk * 16 * S, lane);
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          uint32_t a[4];
+          pack_a_fragment<T, NT>(s, kk, a);
+          mma_a_by_tile<T, D, S>(o, a, v_s + kk * 16 * S, lane);
+        }
       }
       __syncthreads();  // V_j is read by every warp before the next tile overwrites it
     }
@@ -124,6 +130,7 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads, 1)
 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
+      if (warp * 16 >= valid_m) break;  // warp-uniform: nothing of this warp's to store
       const float total = quad_sum(row_sum[r]);
       const float inv = 1.f / total;
       const int row = warp * 16 + g + 8 * r;

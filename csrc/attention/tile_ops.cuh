@@ -186,6 +186,24 @@ __device__ __forceinline__ void mma_a_by_tile(float (&acc)[D / 8][4], const uint
   }
 }
 
+// Writes a warp's fp32 C tiles (16 rows from `row0`, MT tiles of 8 columns) transposed into
+// a shared [column][row] tile of stride S, rounded to T: the backward's dS^T -> dS.
+template <typename T, int MT, int S>
+__device__ __forceinline__ void store_transposed(T* tile, const float (&c_tiles)[MT][4], int row0,
+                                                 int lane) {
+  const int g = lane >> 2;
+  const int c = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = mt * 8 + 2 * c + (e & 1);
+      const int row = row0 + g + 8 * (e >> 1);
+      tile[col * S + row] = Mma<T>::from_float(c_tiles[mt][e]);
+    }
+  }
+}
+
 // Copies `rows` rows of D 16-bit values (global row stride `stride`, rows from `first`)
 // into a shared tile of stride S; rows at or past `valid` become zeros.
 template <typename T, int D, int S, int ROWS, int THREADS>
