@@ -88,6 +88,30 @@ class MergeMLPConnector(nn.Module):
         return length // 4
 
 
+class LearnedQueryPooling(nn.Module):
+    """`num_queries` learned queries attend over a set of features (layer-normed): a fixed
+    number of tokens whatever the set's size. Serves the resampler connector and MedM-VL's
+    slice-attention volume compressor."""
+
+    def __init__(self, dim: int, num_queries: int, num_heads: int | None = None) -> None:
+        super().__init__()
+        self.num_queries = num_queries
+        self.queries = nn.Parameter(torch.randn(num_queries, dim) * dim**-0.5)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(
+            dim, num_heads or attention_heads_for(dim), batch_first=True
+        )
+
+    def forward(
+        self, features: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """features `[B, T, D]` (padding_mask `[B, T]`, True = padding) -> `[B, Q, D]`."""
+        kv = self.norm(features)
+        queries = self.queries.unsqueeze(0).expand(features.shape[0], -1, -1)
+        out, _ = self.attn(queries, kv, kv, key_padding_mask=padding_mask, need_weights=False)
+        return out
+
+
 @CONNECTORS.register("resampler")
 class ResamplerConnector(nn.Module):
     """Cross-attention resampler: `num_queries` learned queries attend over each item's
@@ -102,11 +126,8 @@ class ResamplerConnector(nn.Module):
         **_: object,
     ) -> None:
         super().__init__()
-        heads = num_heads or attention_heads_for(vision_dim)
         self.num_queries = num_queries
-        self.queries = nn.Parameter(torch.randn(num_queries, vision_dim) * vision_dim**-0.5)
-        self.norm_kv = nn.LayerNorm(vision_dim)
-        self.attn = nn.MultiheadAttention(vision_dim, heads, batch_first=True)
+        self.pool = LearnedQueryPooling(vision_dim, num_queries, num_heads)
         self.norm_out = nn.LayerNorm(vision_dim)
         self.proj = nn.Linear(vision_dim, text_dim)
 
@@ -121,9 +142,7 @@ class ResamplerConnector(nn.Module):
         ):
             padded[i, : b - a] = features[a:b]
             pad_mask[i, : b - a] = False
-        kv = self.norm_kv(padded)
-        queries = self.queries.unsqueeze(0).expand(items, -1, -1)
-        out, _ = self.attn(queries, kv, kv, key_padding_mask=pad_mask, need_weights=False)
+        out = self.pool(padded, pad_mask)
         out = self.proj(self.norm_out(out)).reshape(items * self.num_queries, -1)
         new_cu = (
             torch.arange(items + 1, device=cu_seqlens.device, dtype=cu_seqlens.dtype)

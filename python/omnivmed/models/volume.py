@@ -9,9 +9,8 @@ encoder has seen every slice separately.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .connectors import attention_heads_for
+from .connectors import LearnedQueryPooling
 
 
 def slice_average(features: torch.Tensor, frames: int, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -25,19 +24,13 @@ def slice_average(features: torch.Tensor, frames: int, grid_h: int, grid_w: int)
     return features.view(frames, grid_h * grid_w, -1).mean(dim=0)
 
 
-class SliceAttentionCompressor(nn.Module):
+class SliceAttentionCompressor(LearnedQueryPooling):
     """Cross-attention compression of all slices' features to `num_tokens` tokens."""
 
     def __init__(self, dim: int, num_tokens: int, num_heads: int | None = None) -> None:
-        super().__init__()
-        heads = num_heads or attention_heads_for(dim)
+        super().__init__(dim, num_tokens, num_heads)
         self.num_tokens = num_tokens
-        self.queries = nn.Parameter(torch.randn(num_tokens, dim) * dim**-0.5)
-        self.norm = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """features `[T, D]` of one volume -> `[num_tokens, D]`."""
-        kv = self.norm(features).unsqueeze(0)
-        out, _ = self.attn(self.queries.unsqueeze(0), kv, kv, need_weights=False)
-        return out.squeeze(0)
+        return super().forward(features.unsqueeze(0)).squeeze(0)
