@@ -72,8 +72,7 @@ def answer_questions(model, tokenizer, kind: VisualKind, path: str | Path, quest
     visual = pack_visual_items([item], model.config, prune=processor.options.prune,
                                threshold=processor.options.prune_threshold)  # fmt: skip
     device = next(model.parameters()).device
-    visual_inputs = {k: v.to(device) if torch.is_tensor(v) else v
-                     for k, v in visual.model_inputs().items()}  # fmt: skip
+    visual_inputs = {k: v.to(device) for k, v in visual.model_inputs().items()}
     model.eval()
     answers = []
     for question in questions:
