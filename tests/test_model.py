@@ -80,7 +80,7 @@ def test_vision_config_rejects_bad_sections_and_scope():
 def test_registries_reject_unknown_encoders_and_llms():
     with pytest.raises(
         ValueError,
-        match="unknown vision encoder 'clip'; known vision encoders: encoder3d, rotary_siglip",
+        match="unknown vision encoder 'clip'; known vision encoders: rotary_siglip, siglip",
     ):
         OmniVMedConfig(vision_encoder="clip")
     assert {"qwen2", "llama", "phi"} <= set(omnivmed.models.LLMS.names())
@@ -211,7 +211,12 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 
 def test_merge_connector_groups_2x2_blocks_by_position():
-    conn = MergeMLPConnector(4, 8)
+    config = OmniVMedConfig(
+        vision_config=dict(TINY_VISION, hidden_size=4, num_attention_heads=1),
+        text_config=dict(LLMS["qwen2"], hidden_size=8, num_attention_heads=2, num_key_value_heads=1),
+        connector="merge_mlp", prune_unit=2,
+    )  # fmt: skip
+    conn = MergeMLPConnector(config)
     features = torch.arange(16 * 4, dtype=torch.float32).view(16, 4)
     pos = frame_positions(1, 4, 4)
     order = torch.randperm(16)  # any token order: blocks are found from positions

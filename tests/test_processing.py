@@ -459,7 +459,7 @@ def test_merge_connector_needs_whole_blocks_and_cap_spares_fixed_cost_items(tiny
     from omnivmed.models import OmniVMedConfig, build_preset
     from omnivmed.processing import VisualItem
 
-    with pytest.raises(ValueError, match="prune_unit must be even"):
+    with pytest.raises(ValueError, match="prune_unit must be a multiple of 2"):
         OmniVMedConfig(connector="merge_mlp", prune_unit=1)
     model, tok = build_preset("tiny-ct-slice_avg")
     proc = OmniVMedProcessor(

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..models.token_counts import VisualKind
+from ..models.kinds import VisualKind
 from ..processing.errors import MediaError
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models.token_counts import VisualKind
+from ..models.kinds import VisualKind
 
 _KIND_KEYS = {"images": VisualKind.IMAGE, "image": VisualKind.IMAGE, "videos": VisualKind.VIDEO,
               "video": VisualKind.VIDEO, "volumes": VisualKind.VOLUME, "volume": VisualKind.VOLUME}  # fmt: skip

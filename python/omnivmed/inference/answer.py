@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.token_counts import VisualKind
+from ..models.kinds import VisualKind
 from ..processing.processor import Media, OmniVMedProcessor, ProcessorOptions
 from ..processing.prompt import expand_markers
 from ..processing.visual_batch import pack_visual_items

@@ -1,8 +1,10 @@
-"""Variable-length rotary attention over packed items.
+"""Variable-length (rotary) attention over packed items.
 
 Uses the `omnivmed_ext.rope_attention` op for the head dims it supports (64, 72, 80, 96,
 128); otherwise, or with dropout, `rope_nd` on q and k, then PyTorch's scaled dot-product
 attention per item (or one call with a block-diagonal mask when the pack is small).
+Without rotary sections (a learned position embedding instead) q and k go to SDPA as
+they are.
 """
 
 from __future__ import annotations
@@ -25,21 +27,24 @@ def varlen_rotary_attention(
     positions: torch.Tensor,
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
-    sections: Sequence[int],
+    sections: Sequence[int] | None,
     theta: float,
     dropout_p: float = 0.0,
     check_seqlens: bool = True,
 ) -> torch.Tensor:
-    """q, k, v `[L, H, D]`; bidirectional attention inside each item of `cu_seqlens`.
+    """q, k, v `[L, H, D]`; bidirectional attention inside each item of `cu_seqlens`, q
+    and k rotated by `positions` (not rotated when `sections` is None).
     `check_seqlens=False` skips `rope_attention`'s host-side check of the offsets (done once
     per forward by the caller instead of once per layer)."""
-    if dropout_p == 0.0 and q.shape[-1] in omnivmed_ext.attention.SUPPORTED_HEAD_DIMS:
+    rotary = sections is not None
+    if rotary and dropout_p == 0.0 and q.shape[-1] in omnivmed_ext.attention.SUPPORTED_HEAD_DIMS:
         return omnivmed_ext.rope_attention(
             q, k, v, positions, cu_seqlens, max_seqlen, sections, theta,
             check_seqlens=check_seqlens,
         )  # fmt: skip
-    q = omnivmed_ext.rope_nd(q, positions, sections, theta)
-    k = omnivmed_ext.rope_nd(k, positions, sections, theta)
+    if rotary:
+        q = omnivmed_ext.rope_nd(q, positions, sections, theta)
+        k = omnivmed_ext.rope_nd(k, positions, sections, theta)
     total = q.shape[0]
     bounds = cu_seqlens.tolist()
     if len(bounds) == 2:

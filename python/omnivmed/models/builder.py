@@ -10,8 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .configuration import OmniVMedConfig, OmniVMedVisionConfig
 from .modeling import OmniVMedForConditionalGeneration
+from .registry import ENCODERS, VOLUME_STRATEGIES
 from .tokenizer import add_image_token, build_tiny_tokenizer
-from .vision import load_siglip_weights
 
 logger = logging.getLogger(__name__)
 
@@ -25,18 +25,27 @@ _TINY_LLM = dict(
 
 # name -> build_model arguments. Component strings are local directories or hub ids
 # already in the local cache (nothing is downloaded at run time).
+# MedM-VL: stock SigLIP at 256x256 (learned position embedding, fixed size), Qwen2.5-3B.
+_MEDMVL = dict(
+    vision="google/siglip-base-patch16-256", vision_encoder="siglip",
+    llm="Qwen/Qwen2.5-3B-Instruct", connector="mlp",
+)  # fmt: skip
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vision=_TINY_VISION, llm=_TINY_LLM, connector="mlp"),
     "tiny-merge": dict(vision=_TINY_VISION, llm=_TINY_LLM, connector="merge_mlp", prune_unit=2),
+    "tiny-siglip": dict(
+        vision=dict(_TINY_VISION, position_encoding="learned", image_size=32),
+        vision_encoder="siglip",
+        llm=_TINY_LLM,
+        connector="mlp",
+    ),
     "omnivmed-1.5b": dict(
         vision="google/siglip-so400m-patch14-384", llm="Qwen/Qwen2.5-1.5B-Instruct", connector="mlp"
     ),
     "omnivmed-7b": dict(
         vision="google/siglip-so400m-patch14-384", llm="Qwen/Qwen2.5-7B-Instruct", connector="mlp"
     ),
-    "medmvl-2d": dict(
-        vision="google/siglip-base-patch16-256", llm="Qwen/Qwen2.5-3B-Instruct", connector="mlp"
-    ),
+    "medmvl-2d": dict(_MEDMVL),
 }
 # The released architectures with random weights and the built-in tokenizer, for memory
 # and throughput planning where the checkpoints are not at hand (nothing is downloaded).
@@ -58,11 +67,19 @@ PRESETS["omnivmed-7b-shape"] = dict(
         num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
     ),
 )  # fmt: skip
+# MedM-VL's CT models: 2D-Avg and 2D-Attn on stock SigLIP; the 3D encoder is M3D-CLIP's
+# ViT (32x256x256, 4x16x16 patches) pooled 2x2x2 to 256 tokens, features taken before
+# its final norm as MedM-VL does; "rotary" is OmniV-Med's way on MedM-VL's LLM.
+PRESETS["medmvl-ct-rotary"] = dict(
+    _MEDMVL, vision_encoder="rotary_siglip", volume_strategy="rotary"
+)
+PRESETS["medmvl-ct-slice_avg"] = dict(_MEDMVL, volume_strategy="slice_avg")
+PRESETS["medmvl-ct-slice_attn"] = dict(_MEDMVL, volume_strategy="slice_attn")
+PRESETS["medmvl-ct-encoder3d"] = dict(
+    _MEDMVL, volume_strategy="encoder3d", volume_encoder="GoodBaiBai88/M3D-CLIP",
+    encoder3d_config=dict(pool=[2, 2, 2], final_norm=False),
+)  # fmt: skip
 for _strategy in ("rotary", "slice_avg", "slice_attn", "encoder3d"):
-    PRESETS[f"medmvl-ct-{_strategy}"] = dict(
-        vision="google/siglip-base-patch16-256", llm="Qwen/Qwen2.5-3B-Instruct",
-        connector="mlp", volume_strategy=_strategy, prune_threshold=0.0 if _strategy != "rotary" else 0.1,
-    )  # fmt: skip
     PRESETS[f"tiny-ct-{_strategy}"] = dict(
         vision=_TINY_VISION, llm=_TINY_LLM, connector="mlp", volume_strategy=_strategy,
         volume_tokens=16, encoder3d_config=dict(
@@ -95,38 +112,72 @@ def build_model(
     llm: Any,
     connector: str = "mlp",
     tokenizer: PreTrainedTokenizerBase | None = None,
+    vision_encoder: str = "rotary_siglip",
+    vision_config: dict[str, Any] | None = None,
+    volume_encoder: str | Path | None = None,
     **config_overrides: Any,
 ) -> tuple[OmniVMedForConditionalGeneration, PreTrainedTokenizerBase]:
     """Assemble a model.
 
     Args:
-        vision: a SigLIP checkpoint directory (its weights load, all but the position
-            embedding), or an `OmniVMedVisionConfig` / dict (random init).
+        vision: a SigLIP checkpoint directory (its weights load into the vision encoder),
+            or an `OmniVMedVisionConfig` / dict (random init).
         llm: a causal-LM checkpoint directory (weights and tokenizer load), or a config /
             dict with `model_type` (random init; then pass `tokenizer`).
         connector: a registered connector name.
         tokenizer: required when `llm` is a config; defaults to the LLM directory's.
+        vision_encoder: a registered vision encoder; it reads the checkpoint's config and
+            weights its own way ("siglip" keeps the learned position embedding).
+        vision_config: vision-config fields set over the checkpoint's or the given config
+            (e.g. {"position_encoding": "learned"} for the fixed-position-embedding
+            ablation).
+        volume_encoder: a checkpoint directory (or cached hub id) for the volume strategy's
+            own weights (M3D-CLIP for "encoder3d"); the strategy reads it.
         config_overrides: other `OmniVMedConfig` fields (volume_strategy, prune_*, ...).
 
     Returns (model, tokenizer); the tokenizer has the image placeholder added and the
     embeddings are resized to it.
     """
+    encoder = ENCODERS.get(vision_encoder)
     vision_path, vision_cfg = _resolve(vision)
     llm_path, llm_cfg = _resolve(llm)
+    field_overrides = dict(vision_config or {})
     if vision_path is not None:
-        vision_cfg = OmniVMedVisionConfig.from_siglip(AutoConfig.from_pretrained(vision_path))
+        vision_cfg = encoder.vision_config_from_pretrained(
+            AutoConfig.from_pretrained(vision_path), **field_overrides
+        )
+    elif isinstance(vision_cfg, dict):
+        vision_cfg = OmniVMedVisionConfig(**{**vision_cfg, **field_overrides})
+    elif field_overrides:
+        vision_cfg = OmniVMedVisionConfig(**{**vision_cfg.to_dict(), **field_overrides})
+    volume_path = None
+    if volume_encoder is not None:
+        if "volume_strategy" not in config_overrides:
+            raise ValueError(
+                "build_model: volume_encoder is a checkpoint for a volume strategy's own "
+                "weights, so name the strategy too (volume_strategy=...)"
+            )
+        volume_path, _ = _resolve(str(volume_encoder))
+        strategy = VOLUME_STRATEGIES.get(config_overrides["volume_strategy"])
+        config_overrides.update(strategy.pretrained_config_overrides(volume_path, config_overrides))
     if llm_path is not None:
         llm_cfg = AutoConfig.from_pretrained(llm_path)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(llm_path)
     if tokenizer is None:
         raise ValueError("build_model: the LLM is a config, so pass a tokenizer")
     config = OmniVMedConfig(
-        vision_config=vision_cfg, text_config=llm_cfg, connector=connector, **config_overrides
+        vision_config=vision_cfg,
+        vision_encoder=vision_encoder,
+        text_config=llm_cfg,
+        connector=connector,
+        **config_overrides,
     )
     config.image_token_id = add_image_token(tokenizer, config.image_token)
     model = OmniVMedForConditionalGeneration(config)
     if vision_path is not None:
-        load_siglip_weights(model.vision_tower, vision_path)
+        model.vision_tower.load_pretrained(vision_path)
+    if volume_path is not None:
+        model.volume_strategy.load_pretrained(volume_path)
     if llm_path is not None:
         model.language_model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=model.dtype)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -18,7 +18,7 @@ DEFAULT_ROPE_SECTIONS: dict[int, tuple[int, int, int]] = {
 }
 
 ATTENTION_SCOPES = ("joint", "frame")
-VOLUME_STRATEGIES = ("rotary", "slice_avg", "slice_attn", "encoder3d")
+POSITION_ENCODINGS = ("rope", "learned")
 
 
 def default_rope_sections(head_dim: int) -> tuple[int, int, int]:
@@ -34,9 +34,14 @@ def default_rope_sections(head_dim: int) -> tuple[int, int, int]:
 
 
 class OmniVMedVisionConfig(PretrainedConfig):
-    """SigLIP's vision architecture with rotary (t, h, w) positions instead of a learned
-    absolute position embedding. Field names follow `SiglipVisionConfig`, so a SigLIP
-    config converts directly (`from_siglip`)."""
+    """SigLIP's vision architecture. Field names follow `SiglipVisionConfig`, so a SigLIP
+    config converts directly (`from_siglip`).
+
+    `position_encoding`: "rope" (OmniV-Med: rotary (t, h, w) positions in every attention
+    layer, no learned embedding) or "learned" (SigLIP's learned absolute embedding of an
+    `image_size` x `image_size` input, bicubically interpolated to other grids and added
+    to the patch embeddings at each patch's (h, w); no rotary, so t carries nothing).
+    """
 
     model_type = "omnivmed_vision"
     base_config_key = "vision_config"
@@ -55,6 +60,8 @@ class OmniVMedVisionConfig(PretrainedConfig):
         rope_theta: float = 10000.0,
         rope_sections: list[int] | None = None,
         attention_scope: str = "joint",
+        image_size: int = 224,
+        position_encoding: str = "rope",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -90,6 +97,24 @@ class OmniVMedVisionConfig(PretrainedConfig):
                 f"attention_scope must be one of {ATTENTION_SCOPES}, got {attention_scope!r}"
             )
         self.attention_scope = attention_scope
+        if position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(
+                f"position_encoding must be one of {POSITION_ENCODINGS}, got {position_encoding!r}"
+            )
+        self.position_encoding = position_encoding
+        if image_size < patch_size:
+            raise ValueError(f"vision image_size {image_size} is below patch_size {patch_size}")
+        self.image_size = image_size
+
+    @property
+    def rotary(self) -> bool:
+        return self.position_encoding == "rope"
+
+    @property
+    def position_grid(self) -> int:
+        """Side of the learned position embedding's grid, image_size // patch_size (as
+        SigLIP's convolution counts patches: a border smaller than a patch is dropped)."""
+        return self.image_size // self.patch_size
 
     @property
     def head_dim(self) -> int:
@@ -107,6 +132,7 @@ class OmniVMedVisionConfig(PretrainedConfig):
         fields = (
             "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_channels", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout",
+            "image_size",
         )  # fmt: skip
         values = {name: getattr(vision, name) for name in fields}
         values.update(overrides)
@@ -116,7 +142,14 @@ class OmniVMedVisionConfig(PretrainedConfig):
 class OmniVMedEncoder3DConfig(PretrainedConfig):
     """A 3D ViT (M3D-style): 3D patches of `patch_size_3d` = (depth, height, width) voxels
     from a fixed-size volume, learned 3D position embedding, then spatial pooling of the
-    output grid to fewer tokens."""
+    output grid to fewer tokens.
+
+    `cls_token`: a learned token prepended before the blocks and dropped after them (M3D's
+    ViT has one; it takes part in attention). `final_norm`: whether the output passes the
+    final LayerNorm (M3D-LaMed takes it after, MedM-VL before). `pool`: (depth, height,
+    width) average-pooling window; (1, 2, 2) by default, (2, 2, 2) is M3D's and MedM-VL's
+    spatial pooling (256 tokens from a 32x256x256 volume in 4x16x16 patches).
+    """
 
     model_type = "omnivmed_encoder3d"
 
@@ -132,6 +165,8 @@ class OmniVMedEncoder3DConfig(PretrainedConfig):
         pool: list[int] | None = None,
         hidden_act: str = "gelu_pytorch_tanh",
         layer_norm_eps: float = 1e-6,
+        cls_token: bool = False,
+        final_norm: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -145,6 +180,17 @@ class OmniVMedEncoder3DConfig(PretrainedConfig):
         self.pool = list(pool or [1, 2, 2])
         self.hidden_act = hidden_act
         self.layer_norm_eps = layer_norm_eps
+        self.cls_token = bool(cls_token)
+        self.final_norm = bool(final_norm)
+        for name in ("volume_size", "patch_size_3d", "pool"):
+            value = getattr(self, name)
+            if len(value) != 3 or any(int(v) < 1 for v in value):
+                raise ValueError(f"encoder3d {name} must be three positive ints, got {value}")
+        if hidden_size % num_attention_heads:
+            raise ValueError(
+                f"encoder3d hidden_size {hidden_size} is not divisible by num_attention_heads "
+                f"{num_attention_heads}"
+            )
         grid = self.grid
         if any(v % p for v, p in zip(self.volume_size, self.patch_size_3d, strict=True)):
             raise ValueError(
@@ -164,17 +210,23 @@ class OmniVMedEncoder3DConfig(PretrainedConfig):
 
 
 class OmniVMedConfig(PretrainedConfig):
-    """The whole model: vision tower, connector, 3D strategy and causal LM.
+    """The whole model: vision encoder, connector, volume strategy and causal LM.
+
+    The parts are named here and looked up in their registries (`omnivmed.models.ENCODERS`,
+    `CONNECTORS`, `VOLUME_STRATEGIES`); each part checks the config when it is built, and
+    combinations that cannot work are refused then.
 
     Args:
         vision_config: `OmniVMedVisionConfig` (or a dict of it).
         text_config: the LLM's config (or a dict with its `model_type`); any causal LM.
-        vision_encoder: a registered 2D vision encoder ("rotary_siglip").
+        vision_encoder: "rotary_siglip" (OmniV-Med) or "siglip" (stock, fixed size).
         connector: "mlp" (2-layer MLP with GELU), "merge_mlp" (2x2 spatial merge, then the
             MLP) or "resampler" (cross-attention to `connector_queries` learned queries).
         volume_strategy: "rotary" (OmniV-Med: slices as frames of one item, pruned),
             "slice_avg" / "slice_attn" (MedM-VL: 2D encoder per slice, then the mean over
-            slices / cross-attention compression to `volume_tokens` tokens), "encoder3d".
+            slices / cross-attention compression to `volume_tokens` tokens, with
+            `volume_key_positions` coding each key's (slice, row, column)), "encoder3d"
+            (a 3D ViT configured by `encoder3d_config`).
         image_token: the placeholder that stands for one visual token in the prompt.
         prune_threshold / prune_mode / prune_unit: pruning of slices and frames.
     """
@@ -192,6 +244,7 @@ class OmniVMedConfig(PretrainedConfig):
         connector_queries: int = 64,
         volume_strategy: str = "rotary",
         volume_tokens: int = 256,
+        volume_key_positions: bool = False,
         image_token: str = "<image>",
         image_token_id: int | None = None,
         prune_threshold: float = 0.1,
@@ -210,37 +263,22 @@ class OmniVMedConfig(PretrainedConfig):
         if isinstance(encoder3d_config, dict):
             encoder3d_config = OmniVMedEncoder3DConfig(**encoder3d_config)
         self.encoder3d_config = encoder3d_config
-        from .registry import CONNECTORS, ENCODERS, LLMS  # the registries own the names
+        from .parts import ModelParts  # the parts own their names and their rules
+        from .registry import LLMS
 
-        CONNECTORS.check(connector)
-        ENCODERS.check(vision_encoder)
         LLMS.check(self.text_config.model_type)
         self.vision_encoder = vision_encoder
-        if volume_strategy not in VOLUME_STRATEGIES:
-            raise ValueError(
-                f"volume_strategy must be one of {VOLUME_STRATEGIES}, got {volume_strategy!r}"
-            )
-        if volume_strategy == "encoder3d" and self.encoder3d_config is None:
-            self.encoder3d_config = OmniVMedEncoder3DConfig(
-                hidden_size=self.vision_config.hidden_size,
-                intermediate_size=self.vision_config.intermediate_size,
-                num_hidden_layers=self.vision_config.num_hidden_layers,
-                num_attention_heads=self.vision_config.num_attention_heads,
-            )
-        if connector == "merge_mlp" and prune_unit % 2:
-            raise ValueError(
-                f"connector 'merge_mlp' merges 2x2 blocks, so pruning must keep whole blocks: "
-                f"prune_unit must be even, got {prune_unit}"
-            )
         self.connector = connector
         self.connector_queries = connector_queries
         self.volume_strategy = volume_strategy
         self.volume_tokens = volume_tokens
+        self.volume_key_positions = volume_key_positions
         self.image_token = image_token
         self.image_token_id = image_token_id
         self.prune_threshold = prune_threshold
         self.prune_mode = prune_mode
         self.prune_unit = prune_unit
+        ModelParts.of(self).check(self)
         kwargs.setdefault(
             "tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False)
         )

@@ -9,10 +9,12 @@ volumes), in the order their placeholders appear in the prompts:
   (an item encoded by the 3D encoder has none);
 - `visual_kinds` `[I]` (`VisualKind`) and `visual_grids` `[I, 3]` (frames, grid_h, grid_w
   before pruning);
-- `volumes` `[V, C, D, H, W]`: the volumes for the "encoder3d" strategy, in item order.
+- `volumes` `[V, C, D, H, W]`: the volumes of a strategy that takes whole volumes
+  (`VolumeInput.VOLUME_3D`), in item order.
 
 Each item becomes `visual_token_count(...)` LLM tokens, which replace as many
-`config.image_token` placeholders, in order.
+`config.image_token` placeholders, in order. The parts (vision encoder, volume strategy,
+connector) are looked up by the config's names and asked what to do; see `parts.py`.
 """
 
 from __future__ import annotations
@@ -26,11 +28,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .attention import frame_cu_seqlens
 from .configuration import OmniVMedConfig
-from .encoder3d import Encoder3D
-from .registry import CONNECTORS, ENCODERS
-from .token_counts import VisualKind
-from .vision import RotaryVisionTower
-from .volume import SliceAttentionCompressor, slice_average
+from .kinds import VisualKind
+from .parts import ModelParts, VisionEncoder, VolumeInput, VolumeItem, VolumeStrategy
 
 
 class OmniVMedPreTrainedModel(PreTrainedModel):
@@ -59,38 +58,14 @@ class OmniVMedPreTrainedModel(PreTrainedModel):
 class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin):
     def __init__(self, config: OmniVMedConfig) -> None:
         super().__init__(config)
-        vision_dim = config.vision_config.hidden_size
-        text_dim = config.text_config.hidden_size
-        if config.connector == "merge_mlp" and config.volume_strategy in (
-            "slice_attn",
-            "encoder3d",
-        ):
-            raise ValueError(
-                f"connector 'merge_mlp' needs patch grids, but volume_strategy "
-                f"{config.volume_strategy!r} produces compressed tokens; use 'mlp' or 'resampler'"
-            )
-        self.vision_tower: RotaryVisionTower = ENCODERS.get(config.vision_encoder)(
-            config.vision_config
-        )
-        self.connector = CONNECTORS.get(config.connector)(
-            vision_dim,
-            text_dim,
-            num_queries=config.connector_queries,
-            layer_norm_eps=config.vision_config.layer_norm_eps,
-        )
-        self.slice_compressor = (
-            SliceAttentionCompressor(vision_dim, config.volume_tokens)
-            if config.volume_strategy == "slice_attn"
-            else None
-        )
-        self.encoder3d = None
-        if config.volume_strategy == "encoder3d":
-            if config.encoder3d_config.hidden_size != vision_dim:
-                raise ValueError(
-                    f"encoder3d hidden_size {config.encoder3d_config.hidden_size} must equal the "
-                    f"vision tower's {vision_dim} (they share the connector)"
-                )
-            self.encoder3d = Encoder3D(config.encoder3d_config)
+        parts = ModelParts.of(config)
+        parts.check(config)
+        self.vision_tower: VisionEncoder = parts.encoder(config.vision_config)
+        self.connector = parts.connector(config)
+        # The strategy lives under the name it declares (its state-dict prefix, and the
+        # name stage configs train it by).
+        self._volume_module = parts.volume.module_name
+        self.add_module(self._volume_module, parts.volume(config))
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
 
@@ -107,6 +82,10 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_output_embeddings(value)
 
+    @property
+    def volume_strategy(self) -> VolumeStrategy:
+        return self._modules[self._volume_module]
+
     # ---- visual encoding ---------------------------------------------------------------
     def encode_visual(
         self,
@@ -118,7 +97,6 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
         volumes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """LLM-space tokens `[T, text_hidden]` of every visual item, in item order."""
-        config = self.config
         kinds = [VisualKind(int(k)) for k in visual_kinds.tolist()]
         grids = visual_grids.tolist()
         bounds = visual_cu_seqlens.tolist()
@@ -127,14 +105,13 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
                 f"visual inputs disagree: {len(kinds)} kinds, {len(grids)} grids, "
                 f"{len(bounds) - 1} items in visual_cu_seqlens"
             )
-        slice_wise = config.volume_strategy in ("slice_avg", "slice_attn")
-        by_3d = config.volume_strategy == "encoder3d"
+        strategy = self.volume_strategy
+        takes_volumes = strategy.input == VolumeInput.VOLUME_3D
 
         tower_out = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             cu = visual_cu_seqlens.to(pixel_values.device)
-            if slice_wise and VisualKind.VOLUME in kinds:
-                # A slice-wise 2D encoder: volumes attend within one slice at a time.
+            if strategy.encodes_slices_separately and VisualKind.VOLUME in kinds:
                 cu = _split_volume_items_into_slices(visual_positions, cu, kinds)
             tower_out = self.vision_tower(pixel_values, visual_positions, cu)
 
@@ -143,24 +120,22 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
         for i, kind in enumerate(kinds):
             a, b = bounds[i], bounds[i + 1]
             frames, grid_h, grid_w = grids[i]
-            if kind == VisualKind.VOLUME and by_3d:
+            if kind == VisualKind.VOLUME and takes_volumes:
                 if volumes is None or volume_index >= volumes.shape[0]:
                     raise ValueError(
-                        "volume_strategy 'encoder3d' needs one `volumes` entry per volume item"
+                        f"volume_strategy {self.config.volume_strategy!r} needs one `volumes` "
+                        f"entry per volume item; volume item {volume_index} has none"
                     )
-                feats = self.encoder3d(volumes[volume_index : volume_index + 1])[0]
+                item = VolumeItem(frames, grid_h, grid_w, volume=volumes[volume_index])
                 volume_index += 1
-                pos = torch.zeros(feats.shape[0], 3, dtype=torch.int32, device=feats.device)
+                feats, pos = strategy.encode(item)
             elif tower_out is None or b <= a:
                 raise ValueError(
                     f"visual item {i} ({kind.name.lower()}) has no patches in pixel_values"
                 )
-            elif kind == VisualKind.VOLUME and config.volume_strategy == "slice_avg":
-                feats = slice_average(tower_out[a:b], frames, grid_h, grid_w)
-                pos = visual_positions[a : a + grid_h * grid_w].clone()
-            elif kind == VisualKind.VOLUME and config.volume_strategy == "slice_attn":
-                feats = self.slice_compressor(tower_out[a:b])
-                pos = torch.zeros(feats.shape[0], 3, dtype=torch.int32, device=feats.device)
+            elif kind == VisualKind.VOLUME:
+                item = VolumeItem(frames, grid_h, grid_w, tower_out[a:b], visual_positions[a:b])
+                feats, pos = strategy.encode(item)
             else:
                 feats, pos = tower_out[a:b], visual_positions[a:b]
             features.append(feats)
@@ -248,7 +223,8 @@ def _is_prefill(past_key_values) -> bool:
 
 
 def _split_volume_items_into_slices(positions, cu_seqlens, kinds) -> torch.Tensor:
-    """Item boundaries where every volume item is cut at its slice boundaries."""
+    """Item boundaries where every volume item is cut at its slice boundaries (a
+    strategy that encodes slices separately: each slice attends only within itself)."""
     per_frame = frame_cu_seqlens(positions, cu_seqlens).tolist()
     bounds = cu_seqlens.tolist()
     out = [0]

@@ -1,7 +1,8 @@
 """Name -> class registries for the swappable parts (MedM-VL's modular design).
 
-Lookup is by exact name, never by substring, and an unknown name is an error that lists
-the known ones.
+A part registers itself where it is defined (`@CONNECTORS.register("mlp")`); this module
+imports none of them, so nothing here depends on the parts. Lookup is by exact name,
+never by substring, and an unknown name is an error that lists the known ones.
 """
 
 from __future__ import annotations
@@ -16,13 +17,22 @@ class Registry:
         self._entries: dict[str, Any] = {}
 
     def register(self, name: str) -> Callable[[Any], Any]:
+        """Class decorator: register under `name` and record the name on the class."""
+
         def add(obj: Any) -> Any:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._entries[name] = obj
+            if isinstance(obj, type):
+                obj.registered_name = name
             return obj
 
         return add
+
+    def unregister(self, name: str) -> None:
+        """Remove a part (for parts defined by tests or notebooks that are re-run)."""
+        self.check(name)
+        del self._entries[name]
 
     def check(self, name: str) -> None:
         if name not in self._entries:
@@ -36,12 +46,16 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def items(self) -> list[tuple[str, Any]]:
+        return sorted(self._entries.items())
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
 
-CONNECTORS = Registry("connector")
 ENCODERS = Registry("vision encoder")
+CONNECTORS = Registry("connector")
+VOLUME_STRATEGIES = Registry("volume strategy")
 LLMS = Registry("LLM family")
 
 
@@ -54,8 +68,3 @@ def _register_causal_lms() -> None:
 
 
 _register_causal_lms()
-
-# Importing the modules fills the other registries.
-from . import connectors as _connectors  # noqa: E402,F401
-from . import encoder3d as _encoder3d  # noqa: E402,F401
-from . import vision as _vision  # noqa: E402,F401

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from ..models.configuration import OmniVMedConfig
-from ..models.token_counts import VisualKind, visual_token_count
+from ..models.kinds import VisualKind
+from ..models.parts import ModelParts, visual_token_count
 from .errors import MediaError
 from .intensity import to_encoder_input, volume_to_unit_range
 from .prompt import expand_markers, to_messages, tokenize_conversation
@@ -81,8 +82,16 @@ class OmniVMedProcessor:
         self.config = config
         self.tokenizer = tokenizer
         self.options = options or ProcessorOptions()
-        merge = 2 if config.connector == "merge_mlp" else 1
-        self.multiple = config.vision_config.patch_size * max(merge, config.prune_unit)
+        self.parts = ModelParts.of(config)
+        self.multiple = config.vision_config.patch_size * self.parts.grid_multiple(config)
+        # An encoder with a fixed input size (stock SigLIP) gets every frame at that size.
+        self.fixed_size = self.parts.encoder.fixed_input_size(config.vision_config)
+        if self.fixed_size is not None and any(side % self.multiple for side in self.fixed_size):
+            raise ValueError(
+                f"vision encoder {config.vision_encoder!r} takes {self.fixed_size[0]}x"
+                f"{self.fixed_size[1]} frames, which are not multiples of {self.multiple} "
+                f"(patch size x the connector's/pruning's block size)"
+            )
 
     # ---- media -------------------------------------------------------------------------
     def load(self, media: Media) -> VisualItem:
@@ -104,18 +113,17 @@ class OmniVMedProcessor:
                 data, volume.modality, extra.get("ct_window", o.ct_window), volume.source
             )
         frames = to_encoder_input(frames01, o.image_mean, o.image_std, channels)
-        height, width = snap_size(
-            frames.shape[-2], frames.shape[-1], self.multiple, o.min_pixels, o.max_pixels
-        )
+        if self.fixed_size is not None:
+            height, width = self.fixed_size
+        else:
+            height, width = snap_size(
+                frames.shape[-2], frames.shape[-1], self.multiple, o.min_pixels, o.max_pixels
+            )
         frames = resize_frames(frames, (height, width))
         volume3d = None
-        if media.kind == VisualKind.VOLUME and self.config.volume_strategy == "encoder3d":
-            c3 = self.config.encoder3d_config
-            vol = torch.as_tensor(frames01 if frames01.ndim == 3 else frames01[..., 0])[None, None]
-            volume3d = torch.nn.functional.interpolate(
-                vol.float(), size=tuple(c3.volume_size), mode="trilinear"
-            )[0]
-            volume3d = volume3d.expand(c3.num_channels, -1, -1, -1).clone()
+        if self.parts.uses_volume_3d(media.kind):
+            volume01 = torch.as_tensor(frames01 if frames01.ndim == 3 else frames01[..., 0])
+            volume3d = self.parts.volume.prepare_volume(self.config, volume01)
         return VisualItem(media.kind, frames, volume3d=volume3d)
 
     def _fit_token_cap(self, items: list[VisualItem]) -> list[VisualItem]:

@@ -10,7 +10,8 @@ import torch
 import omnivmed_ext
 
 from ..models.configuration import OmniVMedConfig
-from ..models.token_counts import VisualKind, visual_token_count
+from ..models.kinds import VisualKind
+from ..models.parts import ModelParts
 from .patchify import patchify
 
 
@@ -18,7 +19,7 @@ from .patchify import patchify
 class VisualItem:
     """One image (`[1, C, H, W]`), video (`[F, C, H, W]`) or volume (`[S, C, H, W]`
     slices), with H and W multiples of the patch size. `volume3d` is the fixed-size
-    `[C, D, H, W]` volume for the "encoder3d" strategy."""
+    `[C, D, H, W]` volume for a strategy that takes whole volumes (`VolumeInput.VOLUME_3D`)."""
 
     kind: VisualKind
     frames: torch.Tensor | None = None
@@ -55,30 +56,26 @@ def pack_visual_items(
     prune: bool = True,
     threshold: float | None = None,
 ) -> VisualBatch:
-    """Patchify every item, prune slices/frames (rotary strategy and videos, when `prune`),
+    """Patchify every item, prune slices/frames where the parts allow it (when `prune`),
     and pack them in order. `token_counts[i]` is how many placeholders item i needs."""
+    parts = ModelParts.of(config)
     ps = config.vision_config.patch_size
     threshold = config.prune_threshold if threshold is None else threshold
-    values, positions, lengths, kinds, grids, volumes, counts, unpruned = (
-        [],
-        [],
-        [],
-        [],
-        [],
-        [],
-        [],
-        [],
-    )
+    values, positions, lengths, kinds, grids, volumes = [], [], [], [], [], []
+    counts, unpruned = [], []
     for item in items:
         kind = VisualKind(int(item.kind))
         kinds.append(int(kind))
-        if kind == VisualKind.VOLUME and config.volume_strategy == "encoder3d":
+        if parts.uses_volume_3d(kind):
             if item.volume3d is None:
-                raise ValueError("volume_strategy 'encoder3d' needs VisualItem.volume3d")
+                raise ValueError(
+                    f"volume_strategy {config.volume_strategy!r} takes whole volumes: "
+                    "VisualItem.volume3d is missing"
+                )
             volumes.append(item.volume3d)
             grids.append([1, 1, 1])
             lengths.append(0)
-            n = visual_token_count(config, kind, 1, 1, 1)
+            n = parts.token_count(config, kind, 1, 1, 1)
             counts.append(n)
             unpruned.append(n)
             continue
@@ -86,13 +83,7 @@ def pack_visual_items(
         f, n, p = patches.shape
         gh, gw = item.frames.shape[2] // ps, item.frames.shape[3] // ps
         grids.append([f, gh, gw])
-        may_prune = (
-            prune
-            and threshold > 0
-            and f > 1
-            and (kind == VisualKind.VIDEO or config.volume_strategy == "rotary")
-        )
-        if may_prune:
+        if prune and threshold > 0 and f > 1 and parts.may_prune(kind):
             kept = omnivmed_ext.l1_prune(
                 patches, torch.tensor([0, f], dtype=torch.int32), (gh, gw), threshold,
                 config.prune_mode, config.prune_unit,
@@ -103,8 +94,8 @@ def pack_visual_items(
             values.append(patches.reshape(f * n, p))
             positions.append(omnivmed_ext.frame_positions(f, gh, gw))
         lengths.append(values[-1].shape[0])
-        counts.append(visual_token_count(config, kind, f, gh, gw, kept=lengths[-1]))
-        unpruned.append(visual_token_count(config, kind, f, gh, gw))
+        counts.append(parts.token_count(config, kind, f, gh, gw, kept=lengths[-1]))
+        unpruned.append(parts.token_count(config, kind, f, gh, gw))
     p = config.vision_config.patch_values
     return VisualBatch(
         pixel_values=torch.cat(values) if values else torch.zeros(0, p),

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-MODULES = ("vision_tower", "connector", "language_model", "slice_compressor", "encoder3d")
+from ..models.parts import trainable_module_names
 
 
 class ConfigError(ValueError):
@@ -19,11 +19,15 @@ class ConfigError(ValueError):
 @dataclass
 class StageConfig:
     """One training stage. `init` is "preset:<name>" or a directory saved by a previous
-    stage ("previous" when run in a chain); `data` a .json/.jsonl file or a YAML mixture."""
+    stage ("previous" when run in a chain); `data` a .json/.jsonl file or a YAML mixture.
+    `model` changes the preset a first stage builds: `build_model` arguments and model
+    config fields, e.g. `{vision_config: {position_encoding: learned}}` (OmniV-Med's
+    fixed-position-embedding ablation) or `{volume_strategy: slice_attn}`."""
 
     name: str
     stage: int = 1
     init: str = "preset:tiny"
+    model: dict[str, Any] = field(default_factory=dict)
     data: str = ""
     data_root: str | None = None
     output_dir: str = ""  # default: runs/<name>
@@ -64,11 +68,10 @@ class StageConfig:
             raise ConfigError(
                 f"stage {self.name!r}: keep_last must be at least 1, got {self.keep_last}"
             )
-        unknown = [m for m in self.trainable + list(self.module_lr) if m not in MODULES]
+        known = trainable_module_names()  # the model's slots and every strategy's module
+        unknown = [m for m in self.trainable + list(self.module_lr) if m not in known]
         if unknown:
-            raise ConfigError(
-                f"stage {self.name!r}: unknown modules {unknown}; known: {list(MODULES)}"
-            )
+            raise ConfigError(f"stage {self.name!r}: unknown modules {unknown}; known: {known}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"stage {self.name!r}: zero_stage must be 0-3, got {self.zero_stage}")
         for key in ("lr", "epochs", "micro_batch_size", "grad_accum"):
@@ -85,6 +88,18 @@ class StageConfig:
             if bad:
                 raise ConfigError(
                     f"stage {self.name!r}: unknown lora keys {bad}; allowed: r, alpha, dropout, target_modules"
+                )
+        if self.model:
+            if not self.init.startswith("preset:"):
+                raise ConfigError(
+                    f"stage {self.name!r}: `model` settings change a preset, but init is "
+                    f"{self.init!r}; a saved model keeps the architecture it was trained with"
+                )
+            allowed = model_setting_names()
+            bad = sorted(set(self.model) - allowed)
+            if bad:
+                raise ConfigError(
+                    f"stage {self.name!r}: unknown model settings {bad}; allowed: {sorted(allowed)}"
                 )
         if self.on_error not in ("raise", "skip"):
             raise ConfigError(f"stage {self.name!r}: on_error must be 'raise' or 'skip'")
@@ -103,8 +118,10 @@ class StageConfig:
                     if isinstance(value, bool) or float(value) != int(float(value)):
                         raise ValueError
                     setattr(self, f.name, int(float(value)))
-                elif (kind == "bool" and not isinstance(value, bool)) or (
-                    kind.startswith("list") and not isinstance(value, list)
+                elif (
+                    (kind == "bool" and not isinstance(value, bool))
+                    or (kind.startswith("list") and not isinstance(value, list))
+                    or (kind.startswith("dict") and not isinstance(value, dict))
                 ):
                     raise ValueError
             except (TypeError, ValueError):
@@ -115,6 +132,19 @@ class StageConfig:
     @property
     def allowed_keys(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self)]
+
+
+def model_setting_names() -> set[str]:
+    """What a stage's `model` mapping may set: `build_model`'s arguments and the model
+    config's fields."""
+    import inspect
+
+    from ..models import OmniVMedConfig, build_model
+
+    names = set(inspect.signature(build_model).parameters) | set(
+        inspect.signature(OmniVMedConfig.__init__).parameters
+    )
+    return names - {"self", "kwargs", "config_overrides", "tokenizer", "text_config"}
 
 
 def load_stage_config(path: str | Path, **overrides: Any) -> StageConfig:

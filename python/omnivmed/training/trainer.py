@@ -37,7 +37,7 @@ def load_initial_model(cfg: StageConfig):
     from transformers import AutoTokenizer
 
     if cfg.init.startswith("preset:"):
-        return build_preset(cfg.init.split(":", 1)[1])
+        return build_preset(cfg.init.split(":", 1)[1], **cfg.model)
     path = Path(cfg.init)
     if not (path / "config.json").is_file():
         raise ConfigError(

@@ -1,0 +1,19 @@
+"""Volume strategies (how a 3D volume becomes connector input), one per file; importing
+this package registers them."""
+
+from .encoder3d import Encoder3D, Encoder3DVolume
+from .m3d_clip import load_m3d_vision_weights, m3d_encoder3d_config
+from .rotary import RotaryVolume
+from .slice_attn import SliceAttention, sinusoidal_positions
+from .slice_avg import SliceAverage
+
+__all__ = [
+    "Encoder3D",
+    "Encoder3DVolume",
+    "RotaryVolume",
+    "SliceAttention",
+    "SliceAverage",
+    "load_m3d_vision_weights",
+    "m3d_encoder3d_config",
+    "sinusoidal_positions",
+]
