@@ -228,3 +228,47 @@ def test_stage_model_settings_change_the_preset_and_are_checked():
         StageConfig(name="bad", model={"vision_cfg": {}})
     with pytest.raises(ConfigError, match="a saved model keeps the architecture"):
         StageConfig(name="late", init="previous", model={"connector": "resampler"})
+
+
+def test_models_package_has_no_import_cycle():
+    """The module-level imports inside `omnivmed.models` form a DAG (the package's
+    `__init__` only gathers; imports inside functions run later and cannot cycle)."""
+    import ast
+
+    import omnivmed.models as models_pkg
+
+    root = Path(models_pkg.__file__).parent
+    modules = {
+        ".".join(p.relative_to(root).with_suffix("").parts): p
+        for p in root.rglob("*.py")
+        if p.name != "__init__.py"
+    }
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name.split(".")[:-1]
+        deps = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                target = ".".join([*base, *(node.module or "").split(".")]).strip(".")
+                for alias in node.names:
+                    for candidate in (f"{target}.{alias.name}", target):
+                        if candidate in modules:
+                            deps.add(candidate)
+                            break
+        graph[name] = deps - {name}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        if state.get(node) == 1:
+            raise AssertionError(f"import cycle: {' -> '.join([*trail, node])}")
+        if state.get(node) == 2:
+            return
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            visit(dep, [*trail, node])
+        state[node] = 2
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert "parts" in graph["connectors.mlp"] and not graph["registry"]

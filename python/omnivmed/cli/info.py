@@ -22,6 +22,17 @@ def registered_ops() -> list[str]:
     )
 
 
+def registered_parts() -> dict[str, list[str]]:
+    """The names a model config may use for each kind of part."""
+    from omnivmed.models import CONNECTORS, ENCODERS, VOLUME_STRATEGIES
+
+    return {
+        "vision_encoders": ENCODERS.names(),
+        "connectors": CONNECTORS.names(),
+        "volume_strategies": VOLUME_STRATEGIES.names(),
+    }
+
+
 def build_report() -> dict:
     return {
         "omnivmed": omnivmed.__version__,
@@ -33,6 +44,7 @@ def build_report() -> dict:
         "cuda_archs": list(omnivmed_ext.cuda_archs()),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "ops": registered_ops() if omnivmed_ext.library_loaded() else [],
+        **registered_parts(),
     }
 
 
