@@ -340,8 +340,72 @@ def test_two_nodes_from_a_hostfile(tmp_path, tiny_data):
         assert not set(a) & set(b)
     # Checkpoints are shared: one folder per step with both ranks' RNG state in it.
     checkpoints = sorted(p for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert all((p / "manifest.json").is_file() for p in checkpoints)
     assert checkpoints, "no checkpoint written"
-    assert {f.name for f in checkpoints[-1].glob("rng_rank*.pt")} == {
-        "rng_rank0.pt",
-        "rng_rank1.pt",
+    assert {f.name for f in checkpoints[-1].glob("rng_rank*")} == {
+        "rng_rank0.safetensors",
+        "rng_rank1.safetensors",
     }
+
+
+def _stage(tiny_data, out: Path, **kw) -> StageConfig:
+    return StageConfig(**{"name": "h", "data": str(tiny_data), "output_dir": str(out), "lr": 1e-3,
+                          "max_steps": 2, "save_every": 1, "trainable": ["connector"],
+                          "max_pixels": 1024, "min_pixels": 1024, **kw})  # fmt: skip
+
+
+def test_checkpoints_hold_no_pickles_of_ours_and_are_verified_before_resume(tmp_path, tiny_data):
+    import shutil
+
+    from omnivmed.training import train_stage
+    from omnivmed.training.checkpoint import CheckpointError, OutputLock
+
+    out = tmp_path / "a"
+    train_stage(_stage(tiny_data, out))
+    ckpts = out / "checkpoints"
+    step2 = ckpts / "step-2"
+    manifest = json.loads((step2 / "manifest.json").read_text())
+    assert "rng_rank0.safetensors" in manifest["files"] and not list(step2.glob("rng_*.pt"))
+    assert manifest["run_id"] == json.loads((out / "run.json").read_text())["run_id"]
+    # A folder named like a checkpoint is not one without its manifest: it is ignored.
+    (ckpts / "step-9").mkdir()
+    (ckpts / "step-9" / "mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint")
+
+    # Resuming with other settings is an error listing them, unless they are allowed.
+    with pytest.raises(
+        ConfigError, match=r"lr: 0\.001 in the checkpoint, 0\.002 now.*--allow-changed"
+    ):
+        train_stage(_stage(tiny_data, out, lr=2e-3, max_steps=3))
+    train_stage(_stage(tiny_data, out, lr=2e-3, max_steps=3), allow_changed=["lr", "max_steps"])
+    assert (ckpts / "step-3" / "manifest.json").is_file()
+
+    # A changed file is refused before DeepSpeed reads anything.
+    victim = next(p for p in sorted((ckpts / "step-3").rglob("*.pt")))
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    with pytest.raises(CheckpointError, match=rf"{victim.name}: size or SHA-256 differs"):
+        train_stage(_stage(tiny_data, out, lr=2e-3, max_steps=4), allow_changed=["lr", "max_steps"])
+
+    # Checkpoints copied from another run are never loaded.
+    other = tmp_path / "b"
+    train_stage(_stage(tiny_data, other, max_steps=1))
+    shutil.rmtree(other / "checkpoints")
+    shutil.copytree(out / "checkpoints", other / "checkpoints")
+    shutil.rmtree(other / "checkpoints" / "step-3")
+    with pytest.raises(CheckpointError, match="not by the run that owns this output folder"):
+        train_stage(_stage(tiny_data, other, max_steps=3))
+
+    # A second run on a folder in use stops at once.
+    with OutputLock(other), pytest.raises(CheckpointError, match="is in use by another run"):
+        train_stage(_stage(tiny_data, other, max_steps=3))
+
+
+def test_non_finite_loss_stops_training_and_nothing_is_exported(tmp_path, tiny_data):
+    from omnivmed.training import train_stage
+
+    out = tmp_path / "nan"
+    cfg = _stage(tiny_data, out, lr=1e6, max_steps=8, warmup_ratio=0.0, max_grad_norm=0.0,
+                 trainable=["vision_tower", "connector", "language_model"])  # fmt: skip
+    with pytest.raises(FloatingPointError, match="is not finite at step"):
+        train_stage(cfg)
+    assert not (out / "final").exists()
+    assert not list(out.glob("final.tmp-*"))

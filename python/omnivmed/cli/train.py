@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from ..configs import packaged_config
+from ..training.checkpoint import CheckpointError
 from ..training.config import ConfigError, StageConfig, check_stage_order, load_stage_config
 
 logger = logging.getLogger("omnivmed.train")
@@ -84,7 +85,9 @@ def plan_stages(args) -> list[StageConfig]:
     return stages
 
 
-def run_stages(stages: list[StageConfig], resume: bool = True) -> Path:
+def run_stages(
+    stages: list[StageConfig], resume: bool = True, allow_changed: list[str] | tuple = ()
+) -> Path:
     from ..training.plots import plot_losses
     from ..training.trainer import train_stage
 
@@ -92,7 +95,7 @@ def run_stages(stages: list[StageConfig], resume: bool = True) -> Path:
     for cfg in stages:
         if cfg.init == "previous":
             cfg.init = str(previous)
-        previous = train_stage(cfg, resume=resume)
+        previous = train_stage(cfg, resume=resume, allow_changed=allow_changed)
     if int(os.environ.get("RANK", "0")) == 0:
         png = plot_losses([Path(c.output_dir) / "metrics.jsonl" for c in stages],
                           Path(stages[-1].output_dir).parent / "loss_curves.png")  # fmt: skip
@@ -144,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument(
+        "--allow-changed", default="", metavar="KEY[,KEY]",
+        help="settings that may differ from the checkpoint's when resuming (e.g. lr,epochs)",
+    )  # fmt: skip
+    parser.add_argument(
         "--local_rank", type=int, default=None, help=argparse.SUPPRESS
     )  # deepspeed launcher
     args = parser.parse_args(argv)
@@ -159,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.stages:
             args.output_dir = args.output_dir or "runs/omnivmed"
         stages = plan_stages(args)
-        run_stages(stages, resume=not args.no_resume)
-    except (ConfigError, FileNotFoundError) as exc:
+        allow = [k for k in args.allow_changed.split(",") if k]
+        unknown = sorted(set(allow) - set(stages[0].allowed_keys)) if stages else []
+        if unknown:
+            raise ConfigError(f"--allow-changed: unknown settings {unknown}")
+        run_stages(stages, resume=not args.no_resume, allow_changed=allow)
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, FloatingPointError) as exc:
         print(f"omnivmed-train: {exc}", file=sys.stderr)
         return 2
     return 0

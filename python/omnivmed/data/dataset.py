@@ -29,7 +29,9 @@ class InstructionDataset(Dataset):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.records = (
-            load_records(records, root) if isinstance(records, (str, Path)) else list(records)
+            load_records(records, root, on_error)
+            if isinstance(records, (str, Path))
+            else list(records)
         )
         self.processor = processor
         self.on_error = on_error

@@ -92,7 +92,9 @@ def load_mixture(
         path = yaml_path.parent / entry["path"]
         root = yaml_path.parent / entry["root"] if "root" in entry else None
         parts.append(
-            InstructionDataset(load_records(path, root), processor, on_error=on_error, prune=prune)
+            InstructionDataset(
+                load_records(path, root, on_error), processor, on_error=on_error, prune=prune
+            )
         )
         ratios.append(float(entry.get("ratio", 1.0)))
     return MixtureDataset(parts, ratios, spec.get("num_samples"), int(spec.get("seed", 0)))

@@ -14,6 +14,7 @@ must stay inside it.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ _MARKER_KIND = {
     "<image3d>": VisualKind.VOLUME,
 }
 _MARKER_RE = re.compile("<image3d>|<image>|<video>")
+logger = logging.getLogger(__name__)
 
 
 class RecordError(ValueError):
@@ -58,10 +60,17 @@ def _resolve(root: Path, value: Any, sample_id: str) -> tuple[Path, dict[str, An
 
 
 def parse_record(raw: dict[str, Any], root: Path, index: int) -> Record:
+    if not isinstance(raw, dict):
+        raise RecordError(f"record #{index}: expected a JSON object, got {type(raw).__name__}")
     sample_id = str(raw.get("id", f"#{index}"))
     convs = raw.get("conversations")
     if not isinstance(convs, list) or not convs:
         raise RecordError(f"sample {sample_id!r}: 'conversations' must be a non-empty list")
+    for turn in convs:
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise RecordError(
+                f"sample {sample_id!r}: every turn must be an object with a string 'value', got {turn!r}"
+            )
     by_kind: dict[VisualKind, list] = {k: [] for k in VisualKind}
     for key, kind in _KIND_KEYS.items():
         if key in raw:
@@ -90,21 +99,48 @@ def parse_record(raw: dict[str, Any], root: Path, index: int) -> Record:
     return Record(sample_id, convs, media)
 
 
-def load_records(path: str | Path, root: str | Path | None = None) -> list[Record]:
+def load_records(
+    path: str | Path, root: str | Path | None = None, on_error: str = "raise"
+) -> list[Record]:
     """Read a .json (list) or .jsonl file; media paths resolve against `root` (default:
-    the file's folder)."""
+    the file's folder). A record that cannot be parsed is an error, or with
+    `on_error="skip"` is left out with a warning that names it and counts the skips."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     root = Path(root) if root is not None else path.parent
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecordError(f"{path}: not UTF-8 text ({exc})") from exc
     try:
         if path.suffix == ".jsonl":
-            raws = [json.loads(line) for line in text.splitlines() if line.strip()]
+            raws = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        raws.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise RecordError(f"{path}, line {number}: invalid JSON ({exc})") from exc
         else:
             raws = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RecordError(f"{path}: invalid JSON ({exc})") from exc
     if not isinstance(raws, list):
         raise RecordError(f"{path}: expected a list of records")
-    return [parse_record(r, root, i) for i, r in enumerate(raws)]
+    if not raws:
+        raise RecordError(f"{path}: holds no records")
+    records, skipped = [], []
+    for i, raw in enumerate(raws):
+        try:
+            records.append(parse_record(raw, root, i))
+        except RecordError as exc:
+            if on_error != "skip":
+                raise RecordError(f"{path}: {exc}") from exc
+            skipped.append(str(exc))
+    if skipped:
+        logger.warning("%s: skipped %d of %d records: %s", path, len(skipped), len(raws),
+                       "; ".join(skipped[:5]))  # fmt: skip
+    if not records:
+        raise RecordError(f"{path}: every record was skipped ({skipped[0]})")
+    return records

@@ -39,14 +39,9 @@ def load_for_inference(
     """
     from transformers import AutoTokenizer
 
-    from ..models import OmniVMedForConditionalGeneration
+    from ..models.loading import ModelLoadError, load_saved_model
 
     path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path}: no saved model here (config.json missing); pass the folder written by "
-            f"save_pretrained, e.g. <output>/stage3/final"
-        )
     target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)  # fmt: skip
     if dtype == "auto":
@@ -56,9 +51,14 @@ def load_for_inference(
         torch_dtype = _DTYPES[dtype]
     else:
         raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
-    model = OmniVMedForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available here (use cpu or auto)")
+    model = load_saved_model(path, dtype=torch_dtype)
     model.to(target).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # a folder without its tokenizer files
+        raise ModelLoadError(f"{path}: the tokenizer cannot be loaded ({exc})") from exc
     return model, tokenizer, ProcessorOptions.from_dir(path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,46 @@ class ProcessorOptions:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
+    def __post_init__(self) -> None:
+        """Every value range-checked when the settings are built (flags, YAML, saved JSON)."""
+
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"processor setting {name} = {getattr(self, name)!r}: {rule}")
+
+        def number(name: str) -> bool:
+            v = getattr(self, name)
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("min_pixels", "max_pixels", "max_slices", "max_visual_tokens",
+                     "max_video_frames", "max_bytes"):  # fmt: skip
+            if (
+                not number(name)
+                or int(getattr(self, name)) != getattr(self, name)
+                or getattr(self, name) < 1
+            ):
+                raise bad(name, "must be a positive integer")
+        if self.min_pixels > self.max_pixels:
+            raise bad("min_pixels", f"must not exceed max_pixels = {self.max_pixels}")
+        if self.video_fps is not None and (not number("video_fps") or self.video_fps <= 0):
+            raise bad("video_fps", "must be a positive number of frames per second (or None)")
+        if self.video_frames is not None and (
+            not number("video_frames") or int(self.video_frames) != self.video_frames
+            or self.video_frames < 1
+        ):  # fmt: skip
+            raise bad("video_frames", "must be a positive integer (or None)")
+        if self.prune_threshold is not None and (
+            not number("prune_threshold") or self.prune_threshold < 0
+        ):
+            raise bad("prune_threshold", "must be a finite number >= 0 (or None)")
+        for name in ("image_mean", "image_std"):
+            values = tuple(getattr(self, name))
+            if len(values) != 3 or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in values
+            ):
+                raise bad(name, "must be three finite numbers")
+        if min(self.image_std) <= 0:
+            raise bad("image_std", "must be positive")
+
     def save(self, directory: str | Path) -> Path:
         """Write the settings next to a saved model (`processor_config.json`), so inference
         reads media exactly as training did."""
@@ -53,16 +94,21 @@ class ProcessorOptions:
             return cls()
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of settings")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
         for key in ("image_mean", "image_std"):
-            if key in data:
+            if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
 
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
@@ -99,7 +145,7 @@ class OmniVMedProcessor:
         o, extra = self.options, media.options or {}
         channels = self.config.vision_config.num_channels
         if media.kind == VisualKind.IMAGE:
-            frames01 = read_image(media.path)[None]
+            frames01 = read_image(media.path, o.max_bytes)[None]
         elif media.kind == VisualKind.VIDEO:
             video = read_video(
                 media.path, sample_fps=None if o.video_frames else o.video_fps, num_frames=o.video_frames,

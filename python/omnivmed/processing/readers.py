@@ -4,6 +4,8 @@ names the file; sizes are checked against a memory limit before any voxel is loa
 
 from __future__ import annotations
 
+import os
+import stat
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +44,26 @@ def _check_size(path: Path, shape: Sequence[int], max_bytes: int) -> None:
                          f"over the limit of {max_bytes / 2**30:.1f} GiB")  # fmt: skip
 
 
+def _require_file(path: Path) -> None:
+    """A regular file, never a named pipe, socket or device (reading one could block
+    forever or never end)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MediaError(path, "file not found") from None
+    except OSError as exc:
+        raise MediaError(path, f"cannot access the file ({exc.strerror})") from exc
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a folder" if stat.S_ISDIR(mode)
+            else "a named pipe" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a regular file"
+        )  # fmt: skip
+        raise MediaError(path, f"expected a regular file, found {kind}")
+
+
 def _check_finite(path: Path, data: np.ndarray) -> None:
     if not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
@@ -49,16 +71,25 @@ def _check_finite(path: Path, data: np.ndarray) -> None:
 
 
 # ---- images -----------------------------------------------------------------------------
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     """PNG/JPEG/TIFF/... 8- or 16-bit, grayscale or RGB -> `[H, W, C]` float32 in [0, 1]
-    (C = 1 or 3)."""
+    (C = 1 or 3). The size the header declares is checked against `max_bytes` before any
+    pixel is decoded; a float image with NaN or infinite pixels is an error."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    if not path.is_file():
-        raise MediaError(path, "file not found")
+    _require_file(path)
     try:
         with Image.open(path) as img:
+            width, height = img.size
+            # Reading then normalising makes about four float32 RGB copies before the resize
+            # (measured: a 13000x13000 image peaked at 6.9 GB).
+            need = 4 * 3 * 4 * width * height
+            if need > max_bytes:
+                raise MediaError(
+                    path, f"the header declares {width}x{height} pixels, which need about "
+                    f"{need / 2**30:.1f} GiB to read, over the limit of {max_bytes / 2**30:.1f} GiB"
+                )  # fmt: skip
             img.load()
             mode = img.mode
             if mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -67,12 +98,17 @@ def read_image(path: str | Path) -> np.ndarray:
                 arr = arr[..., None]
             elif mode == "F":
                 arr = np.asarray(img, dtype=np.float32)
+                _check_finite(path, arr)  # before min/max, which one NaN would poison
                 lo, hi = float(arr.min()), float(arr.max())
                 arr = ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr))[..., None]
             elif mode in ("L", "1"):
                 arr = np.asarray(img.convert("L"), dtype=np.float32)[..., None] / 255.0
             else:
                 arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except MediaError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise MediaError(path, f"the image declares too many pixels ({exc})") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise MediaError(path, f"not a readable image ({exc})") from exc
     if arr.size == 0:
@@ -85,8 +121,8 @@ def read_image(path: str | Path) -> np.ndarray:
 def read_volume(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
     """A NIfTI file, a DICOM series folder (or one .dcm file), or a .npy/.npz array."""
     path = Path(path)
-    if not path.exists():
-        raise MediaError(path, "file not found")
+    if not path.is_dir():
+        _require_file(path)
     name = path.name.lower()
     if path.is_dir() or name.endswith(".dcm"):
         return read_dicom_series(path, max_bytes)
@@ -130,6 +166,7 @@ def read_dicom_series(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    # is_file() is false for pipes, sockets and devices, which are never opened.
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     headers = []
     for f in files:
@@ -141,8 +178,25 @@ def read_dicom_series(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
     headers = [(f, h) for f, h in headers if "Rows" in h and "Columns" in h]
     if not headers:
         raise MediaError(path, "no DICOM images found")
-    series = Counter(str(h.get("SeriesInstanceUID", "")) for _, h in headers).most_common(1)[0][0]
-    headers = [(f, h) for f, h in headers if str(h.get("SeriesInstanceUID", "")) == series]
+    series = Counter(str(h.get("SeriesInstanceUID", "")) for _, h in headers)
+    if len(series) > 1:
+        found = "; ".join(
+            f"{uid or '(no SeriesInstanceUID)'}: {n} files"
+            + next((f" ({d})" for _, h in headers if str(h.get("SeriesInstanceUID", "")) == uid
+                    and (d := str(h.get("SeriesDescription", "")))), "")
+            for uid, n in series.most_common()
+        )  # fmt: skip
+        raise MediaError(
+            path,
+            f"the folder holds {len(series)} DICOM series ({found}); give one series per folder",
+        )
+    samples = {int(h.get("SamplesPerPixel", 1)) for _, h in headers}
+    if samples != {1}:
+        photometric = sorted({str(h.get("PhotometricInterpretation", "?")) for _, h in headers})
+        raise MediaError(
+            path, f"color DICOM (SamplesPerPixel {sorted(samples)}, {', '.join(photometric)}): "
+            "a volume needs grayscale CT/MR slices; pass a color image as an image"
+        )  # fmt: skip
     rows, cols = int(headers[0][1].Rows), int(headers[0][1].Columns)
     if any((int(h.Rows), int(h.Columns)) != (rows, cols) for _, h in headers):
         raise MediaError(path, "slices of one series have different sizes")
@@ -204,6 +258,11 @@ def read_numpy_volume(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
         raise
     except Exception as exc:
         raise MediaError(path, f"not a readable NumPy file ({exc})") from exc
+    if arr.dtype.kind not in "biuf":
+        what = "complex values" if arr.dtype.kind == "c" else "non-numeric values"
+        raise MediaError(
+            path, f"the array holds {what} (dtype {arr.dtype}); a volume needs real intensities"
+        )
     if arr.ndim != 3:
         raise MediaError(path, f"expected a 3-D array [slices, H, W], got shape {arr.shape}")
     _check_size(path, arr.shape, max_bytes)
@@ -256,10 +315,9 @@ def read_video(
     """A video file (decord), or a folder / list of frame images (sorted by name)."""
     if isinstance(path, (list, tuple)) or Path(path).is_dir():
         return _read_frame_images(path, sample_fps=sample_fps, num_frames=num_frames, start=start, end=end,
-                                  max_frames=max_frames)  # fmt: skip
+                                  max_frames=max_frames, max_bytes=max_bytes)  # fmt: skip
     path = Path(path)
-    if not path.is_file():
-        raise MediaError(path, "file not found")
+    _require_file(path)
     if path.stat().st_size == 0:
         raise MediaError(path, "empty file")
     try:
@@ -288,8 +346,9 @@ def read_video(
 
 
 def _read_frame_images(
-    path, sample_fps=None, num_frames=None, start=None, end=None, max_frames=None
-) -> Video:
+    path, sample_fps=None, num_frames=None, start=None, end=None, max_frames=None,
+    max_bytes=DEFAULT_MAX_BYTES,
+) -> Video:  # fmt: skip
     """Frame images, taken as one frame per second (start/end in seconds = frame numbers)."""
     if isinstance(path, (list, tuple)):
         files = [Path(p) for p in path]
@@ -307,7 +366,7 @@ def _read_frame_images(
         raise MediaError(path, str(exc)) from exc
     frames = []
     for i in idx:
-        img = read_image(files[i])
+        img = read_image(files[i], max_bytes)
         frames.append(np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img)
     if len({f.shape for f in frames}) != 1:
         raise MediaError(path, "frame images have different sizes")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import yaml
 
 from ..models.parts import trainable_module_names
+from ..processing.processor import ProcessorOptions
 
 
 class ConfigError(ValueError):
@@ -75,11 +77,35 @@ class StageConfig:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"stage {self.name!r}: zero_stage must be 0-3, got {self.zero_stage}")
         for key in ("lr", "epochs", "micro_batch_size", "grad_accum"):
-            if getattr(self, key) <= 0:
+            value = getattr(self, key)
+            if not math.isfinite(value) or value <= 0:
                 raise ConfigError(
-                    f"stage {self.name!r}: {key} must be positive, got {getattr(self, key)}"
+                    f"stage {self.name!r}: {key} must be positive and finite, got {value}"
                 )
-        if not 0 <= self.warmup_ratio < 1:
+        for module, value in self.module_lr.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(
+                    f"stage {self.name!r}: module_lr[{module!r}] must be a number, got {value!r}"
+                )
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(
+                    f"stage {self.name!r}: module_lr[{module!r}] must be positive and finite, got {value}"
+                )
+        for key in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(
+                    f"stage {self.name!r}: {key} must be finite and >= 0, got {value}"
+                )
+        if self.save_every < 0:
+            raise ConfigError(
+                f"stage {self.name!r}: save_every must be >= 0, got {self.save_every}"
+            )
+        try:  # the media settings, checked by their owner
+            processor_options(self)
+        except ValueError as exc:
+            raise ConfigError(f"stage {self.name!r}: {exc}") from None
+        if not (math.isfinite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
             raise ConfigError(
                 f"stage {self.name!r}: warmup_ratio must be in [0, 1), got {self.warmup_ratio}"
             )
@@ -134,6 +160,12 @@ class StageConfig:
         return [f.name for f in dataclasses.fields(self)]
 
 
+def processor_options(cfg: StageConfig) -> ProcessorOptions:
+    """How this stage reads media; saved with the exported model for inference."""
+    return ProcessorOptions(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, max_slices=cfg.max_slices,
+                            video_fps=cfg.video_fps, prune=cfg.prune, prune_threshold=cfg.prune_threshold)  # fmt: skip
+
+
 def model_setting_names() -> set[str]:
     """What a stage's `model` mapping may set: `build_model`'s arguments and the model
     config's fields."""
@@ -152,7 +184,10 @@ def load_stage_config(path: str | Path, **overrides: Any) -> StageConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"stage config {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings")
     raw.update({k: v for k, v in overrides.items() if v is not None})

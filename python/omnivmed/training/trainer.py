@@ -4,11 +4,16 @@ metrics (tqdm, JSONL, TensorBoard)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
+import os
 import random
+import shutil
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +22,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import InstructionDataset, VisualCollator, load_mixture, load_records
-from ..models import OmniVMedForConditionalGeneration, build_preset
+from ..models import build_preset
 from ..processing.processor import OmniVMedProcessor, ProcessorOptions
-from .checkpoint import load_latest, save_checkpoint, set_rng_state
-from .config import ConfigError, StageConfig, check_data
+from .checkpoint import (
+    RUN_FILE,
+    CheckpointError,
+    OutputLock,
+    load_latest,
+    run_id,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import ConfigError, StageConfig, check_data, processor_options
 from .distributed import barrier, init_distributed
 from .sampler import ResumableShardedSampler
 
@@ -38,29 +51,28 @@ def load_initial_model(cfg: StageConfig):
 
     if cfg.init.startswith("preset:"):
         return build_preset(cfg.init.split(":", 1)[1], **cfg.model)
+    from ..models.loading import load_saved_model
+
     path = Path(cfg.init)
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"stage {cfg.name!r}: init {cfg.init!r} is neither 'preset:<name>' nor a saved model directory"
         )
-    return OmniVMedForConditionalGeneration.from_pretrained(path), AutoTokenizer.from_pretrained(
-        path
-    )
+    return load_saved_model(path), AutoTokenizer.from_pretrained(path)
 
 
 def start_fresh(out_dir: Path, rank: int) -> None:
     """A run that must not resume removes the previous run's checkpoints and logs first."""
-    import shutil
-
     if rank == 0 and out_dir.exists():
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-        for pattern in ("metrics.jsonl", "samples_rank*.jsonl", "fingerprint_rank*.json"):
+        for pattern in ("metrics.jsonl", "samples_rank*.jsonl", "fingerprint_rank*.json", RUN_FILE):
             for f in out_dir.glob(pattern):
                 f.unlink()
     barrier()
 
 
 def _all_ranks_have_data(has_data: bool) -> bool:
+    """True only when every rank's flag is true (one all-reduce)."""
     flag = torch.tensor([1 if has_data else 0], dtype=torch.int32)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         if torch.cuda.is_available():
@@ -155,19 +167,16 @@ def deepspeed_config(cfg: StageConfig) -> dict[str, Any]:
     }
 
 
-def processor_options(cfg: StageConfig) -> ProcessorOptions:
-    """How this stage reads media; saved with the exported model for inference."""
-    return ProcessorOptions(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, max_slices=cfg.max_slices,
-                            video_fps=cfg.video_fps, prune=cfg.prune, prune_threshold=cfg.prune_threshold)  # fmt: skip
-
-
 def build_dataset(cfg: StageConfig, model, tokenizer):
     check_data(cfg)
     processor = OmniVMedProcessor(model.config, tokenizer, processor_options(cfg))
     if cfg.data.endswith((".yaml", ".yml")):
         return load_mixture(cfg.data, processor, on_error=cfg.on_error, prune=cfg.prune)
     return InstructionDataset(
-        load_records(cfg.data, cfg.data_root), processor, on_error=cfg.on_error, prune=cfg.prune
+        load_records(cfg.data, cfg.data_root, cfg.on_error),
+        processor,
+        on_error=cfg.on_error,
+        prune=cfg.prune,
     )
 
 
@@ -202,14 +211,73 @@ class MetricsLog:
             self.tb.close()
 
 
+# Settings that change neither the model nor the data a resumed run sees.
+_RESUME_FREE = ("name", "output_dir", "save_every", "keep_last")
+
+
+def resume_settings(cfg: StageConfig) -> dict[str, Any]:
+    """The settings a checkpoint records, which a resume must match."""
+    values = dataclasses.asdict(cfg)
+    return {k: v for k, v in values.items() if k not in _RESUME_FREE}
+
+
+def check_resume_settings(
+    saved: dict[str, Any] | None, cfg: StageConfig, where: Path, allow_changed: Collection[str]
+) -> None:
+    if saved is None:
+        raise CheckpointError(f"{where}: the checkpoint does not record its settings")
+    now = resume_settings(cfg)
+    changed = sorted(
+        k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in allow_changed
+    )
+    if changed:
+        listing = "; ".join(
+            f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in changed
+        )
+        raise ConfigError(
+            f"stage {cfg.name!r}: resuming from {where} with changed settings ({listing}); "
+            f"restore them, start fresh, or allow them with --allow-changed {','.join(changed)}"
+        )
+
+
+@contextlib.contextmanager
+def _locked_output(out_dir: Path, rank: int):
+    """Rank 0 holds an exclusive lock on the output folder; every rank learns whether it
+    could take it, so all stop together when another run holds it."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if rank == 0:
+            try:
+                stack.enter_context(OutputLock(out_dir))
+            except CheckpointError as exc:
+                error = exc
+        if not _all_ranks_have_data(error is None):
+            raise error or CheckpointError(
+                f"{out_dir} is in use by another run (rank 0 could not lock it)"
+            )
+        yield
+
+
 def train_stage(
-    cfg: StageConfig, *, resume: bool = True, stop_after_steps: int | None = None
+    cfg: StageConfig,
+    *,
+    resume: bool = True,
+    stop_after_steps: int | None = None,
+    allow_changed: Collection[str] = (),
 ) -> Path:
     """Train one stage; returns the exported model directory (`<output_dir>/final`).
 
-    `resume`: continue from the newest complete checkpoint in `<output_dir>/checkpoints`.
+    `resume`: continue from the newest complete checkpoint in `<output_dir>/checkpoints`
+    (its files checked against its manifest, its settings against `cfg`: a difference is
+    an error unless its key is in `allow_changed`).
     `stop_after_steps`: return early after that many optimizer steps of this run (for
     tests and time-boxed jobs; the last checkpoint stays usable)."""
+    rank, _ = init_distributed()
+    with _locked_output(Path(cfg.output_dir), rank):
+        return _train_stage(cfg, resume, stop_after_steps, allow_changed)
+
+
+def _train_stage(cfg, resume, stop_after_steps, allow_changed) -> Path:
     import deepspeed
 
     rank, world = init_distributed()
@@ -241,12 +309,17 @@ def train_stage(
     ckpt_root = out_dir / "checkpoints"
     if not resume:
         start_fresh(out_dir, rank)
-    else:
-        client = load_latest(engine, ckpt_root, rank)
+    if rank == 0:
+        run_id(out_dir, create=True)
+    barrier()
+    run = run_id(out_dir, create=False)
+    if resume:
+        client = load_latest(engine, ckpt_root, run, rank)
         if client is not None:
             if client.get("stage") != cfg.name:
                 raise ConfigError(f"{ckpt_root} holds checkpoints of stage {client.get('stage')!r}, not "
                                   f"{cfg.name!r}; give each stage its own output_dir")  # fmt: skip
+            check_resume_settings(client.get("settings"), cfg, ckpt_root, allow_changed)
             step = client["step"]
             sampler.load_state_dict(client["sampler"])
             set_rng_state(client["rng"])
@@ -279,6 +352,12 @@ def train_stage(
             )
             batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             loss = engine(**batch, use_cache=False).loss
+            if not _all_ranks_have_data(bool(torch.isfinite(loss.detach()))):
+                raise FloatingPointError(
+                    f"stage {cfg.name!r}: the loss is not finite at step {step + 1} (samples "
+                    f"{kept_ids} on rank {rank}, or on another rank); stopping before the update. "
+                    f"Lower lr (now {cfg.lr:g}) or check those samples; the last checkpoint is intact"
+                )
             engine.backward(loss)
             # Asked before step(): DeepSpeed advances its micro-step counter inside step().
             boundary = engine.is_gradient_accumulation_boundary()
@@ -286,6 +365,12 @@ def train_stage(
             window_loss.append(float(loss.detach()))
             if not boundary:
                 continue
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                raise FloatingPointError(
+                    f"stage {cfg.name!r}: the gradient norm is {float(grad_norm)} at step "
+                    f"{step + 1}; stopping, nothing exported (the last checkpoint is intact)"
+                )
             step += 1
             run_steps += 1
             # The samples behind this optimizer step, per rank: resumes append, and the last
@@ -306,8 +391,9 @@ def train_stage(
             window_loss, window_tokens, window_skipped, t0 = [], 0, 0, time.perf_counter()
             if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
                 save_checkpoint(engine, ckpt_root, step,
-                                {"step": step, "stage": cfg.name, "sampler": sampler.state_dict()},
-                                cfg.keep_last, rank)  # fmt: skip
+                                {"step": step, "stage": cfg.name, "sampler": sampler.state_dict(),
+                                 "settings": resume_settings(cfg)},
+                                cfg.keep_last, rank, run)  # fmt: skip
             if step >= total_steps or (
                 stop_after_steps is not None and run_steps >= stop_after_steps
             ):
@@ -349,14 +435,28 @@ def export(
     engine, tokenizer, path: Path, zero_stage: int, rank: int, options: ProcessorOptions
 ) -> None:
     """save_pretrained (safetensors) of the whole model, gathered under ZeRO-3, with its
-    tokenizer and processor settings."""
+    tokenizer and processor settings: written to a temporary folder, then renamed, so a
+    kill leaves either the previous export or the whole new one. Non-finite weights are
+    never exported."""
     import deepspeed
 
     model = engine.module
     params = list(model.parameters()) if zero_stage == 3 else []
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage == 3):
+        # Every rank checks (the weights are the same everywhere), so all stop together.
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise FloatingPointError(
+                f"not exporting {path}: non-finite weights in {bad[:6]}"
+                f"{' and more' if len(bad) > 6 else ''}"
+            )
         if rank == 0:
             merge_lora(model)
-            model.save_pretrained(path, safe_serialization=True)
-            tokenizer.save_pretrained(path)
-            options.save(path)
+            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            options.save(tmp)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
