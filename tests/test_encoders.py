@@ -184,9 +184,12 @@ def _m3d_reference(w: dict[str, torch.Tensor], volume: torch.Tensor, cfg: dict) 
     gd, gh, gw = (s // p for s, p in zip(volume.shape[2:], cfg["patch_size"], strict=True))
     x = volume.reshape(b, c, gd, pd, gh, ph, gw, pw).permute(0, 2, 4, 6, 3, 5, 7, 1)
     x = x.reshape(b, gd * gh * gw, pd * ph * pw * c)  # (p1 p2 p3 c), channel fastest
-    ln = lambda t, p: torch.nn.functional.layer_norm(
-        t, t.shape[-1:], w[p + ".weight"], w[p + ".bias"], 1e-5
-    )  # noqa: E731
+
+    def ln(t, p):
+        return torch.nn.functional.layer_norm(
+            t, t.shape[-1:], w[p + ".weight"], w[p + ".bias"], 1e-5
+        )
+
     x = (
         x @ w["patch_embedding.patch_embeddings.1.weight"].T
         + w["patch_embedding.patch_embeddings.1.bias"]
