@@ -167,6 +167,10 @@ GOOD = {
     "id": "ok",
     "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}],
 }
+GOOD_VIDEO = {
+    "id": "v",
+    "conversations": [{"from": "human", "value": "<video> hi"}, {"from": "gpt", "value": "yo"}],
+}
 
 
 @pytest.mark.parametrize(
@@ -177,7 +181,13 @@ GOOD = {
      ("empty.jsonl", b"\n\n", "holds no records"),
      ("turns.json", json.dumps([{"id": "t", "conversations": ["hi"]}]).encode(),
       "every turn must be an object"),
-     ("broken.jsonl", b'{"id": 1}\n{oops\n', "line 2: invalid JSON")],
+     ("broken.jsonl", b'{"id": 1}\n{oops\n', "line 2: invalid JSON"),
+     ("start.json", json.dumps([{**GOOD_VIDEO, "videos": [{"path": "a.mp4", "start": "x"}]}]).encode(),
+      "start must be seconds >= 0, got 'x'"),
+     ("option.json", json.dumps([{**GOOD_VIDEO, "videos": [{"path": "a.mp4", "fps": 3}]}]).encode(),
+      r"unknown media options \['fps'\]"),
+     ("window.json", json.dumps([{**GOOD_VIDEO, "videos": [{"path": "a.mp4", "ct_window": [40, -1]}]}]).encode(),
+      r"ct_window must be a window name or \[level, width > 0\]")],
 )  # fmt: skip
 def test_hostile_records(tmp_path, name, content, message):
     with pytest.raises(RecordError, match=message):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,11 +45,42 @@ class Record:
     media: list[tuple[VisualKind, Path, dict[str, Any]]] = field(default_factory=list)
 
 
+_MEDIA_OPTIONS = ("start", "end", "ct_window")
+
+
+def _check_media_options(options: dict[str, Any], sample_id: str) -> None:
+    """Per-medium settings: start/end seconds (video), a CT window name or [level, width]."""
+    unknown = sorted(set(options) - set(_MEDIA_OPTIONS))
+    if unknown:
+        raise RecordError(
+            f"sample {sample_id!r}: unknown media options {unknown}; known: {list(_MEDIA_OPTIONS)}"
+        )
+    for key in ("start", "end"):
+        v = options.get(key)
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+        ):
+            raise RecordError(f"sample {sample_id!r}: {key} must be seconds >= 0, got {v!r}")
+    window = options.get("ct_window")
+    if window is not None and not isinstance(window, str):
+        ok = (
+            isinstance(window, list) and len(window) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in window)
+            and window[1] > 0
+        )  # fmt: skip
+        if not ok:
+            raise RecordError(
+                f"sample {sample_id!r}: ct_window must be a window name or [level, width > 0], got {window!r}"
+            )
+        options["ct_window"] = tuple(window)
+
+
 def _resolve(root: Path, value: Any, sample_id: str) -> tuple[Path, dict[str, Any]]:
     options: dict[str, Any] = {}
     if isinstance(value, dict):  # {"path": ..., "start": ..., "end": ..., "ct_window": ...}
         options = {k: v for k, v in value.items() if k != "path"}
         value = value.get("path")
+        _check_media_options(options, sample_id)
     if not isinstance(value, str) or not value:
         raise RecordError(
             f"sample {sample_id!r}: a media entry must be a path string, got {value!r}"
