@@ -32,9 +32,10 @@ from omnivmed.training.trainer import train_stage
 
 
 def run(data: Path, out: Path, prune: bool, steps: int, **overrides) -> dict:
-    settings = {"init": "preset:tiny", **DEMO_MEDIA_SETTINGS, **overrides}
+    settings = {"init": "preset:tiny", **overrides}
+    media = DEMO_MEDIA_SETTINGS[3].replace(prune=prune)
     cfg = load_stage_config(packaged_config("stage3"), data=str(data), output_dir=str(out), name="stage3",
-                            prune=prune, max_steps=steps, save_every=10**9, **settings)  # fmt: skip
+                            media=media, max_steps=steps, save_every=10**9, **settings)  # fmt: skip
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()

@@ -320,7 +320,9 @@ def test_infer_on_a_broken_model_folder(tmp_path, saved_tiny):
      ("module_lr: {connector: .nan}\n", [], r"module_lr\['connector'\] must be positive"),
      ("max_grad_norm: -1\n", [], "max_grad_norm must be finite and >= 0, got -1"),
      ("lr: [1\n", [], "not valid YAML"),
-     ("video_fps: 0\n", [], "video_fps = 0.0: must be a positive"),
+     ("media: {video_fps: 0}\n", [], "video_fps = 0: must be a positive"),
+     ("max_pixels: 100\n", [], r"unknown keys \['max_pixels'\]"),
+     ("", ["--set", "media.max_slices=0"], "max_slices = 0: must be a positive integer"),
      ("", ["--set", "module_lr=5"], "module_lr must be dict"),
      ("", ["--allow-changed", "learning_rate"], r"--allow-changed: unknown settings \['learning_rate'\]")],
 )  # fmt: skip

@@ -21,6 +21,7 @@ from omnivmed.processing.processor import ProcessorOptions
 from omnivmed.training import ConfigError, StageConfig, load_stage_config
 
 ROOT = Path(__file__).resolve().parent.parent
+SMALL = {"max_pixels": 1024, "min_pixels": 1024}  # 32x32 frames: fast steps
 pytestmark = pytest.mark.slow
 
 
@@ -45,7 +46,7 @@ def write_config(path: Path, data_file: Path, out_dir: Path, **extra) -> Path:
 
     cfg = {"name": "t", "data": str(data_file), "output_dir": str(out_dir), "init": "preset:tiny",
            "trainable": ["vision_tower", "connector", "language_model"], "lr": 3e-3, "epochs": 3,
-           "micro_batch_size": 2, "max_pixels": 1024, "min_pixels": 1024, "save_every": 1, **extra}  # fmt: skip
+           "micro_batch_size": 2, "media": {"max_pixels": 1024, "min_pixels": 1024}, "save_every": 1, **extra}  # fmt: skip
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -86,13 +87,13 @@ def test_one_process_overfits_a_tiny_set(tmp_path, tiny_data):
     from omnivmed.training import train_stage
 
     cfg = StageConfig(name="fit", data=str(tiny_data), output_dir=str(tmp_path / "out"), lr=3e-3, epochs=6,
-                      trainable=["vision_tower", "connector", "language_model"], max_pixels=1024, min_pixels=1024)  # fmt: skip
+                      trainable=["vision_tower", "connector", "language_model"], media=SMALL)  # fmt: skip
     final = train_stage(cfg)
     losses = [r["loss"] for r in steps(tmp_path / "out")]
     assert len(losses) == 24 and losses[-1] < 0.5 * losses[0]
     assert (final / "model.safetensors").exists() and (final / "tokenizer_config.json").exists()
     saved = ProcessorOptions.from_dir(final)  # inference reads media as this stage did
-    assert (saved.max_pixels, saved.min_pixels, saved.prune) == (1024, 1024, cfg.prune)
+    assert saved == cfg.media
     assert (tmp_path / "out" / "tensorboard").is_dir()
 
 
@@ -228,7 +229,7 @@ def test_lora_trains_adapters_and_exports_a_merged_model(tmp_path, tiny_data):
 
     cfg = StageConfig(name="lora", data=str(tiny_data), output_dir=str(tmp_path / "out"), lr=3e-3, epochs=3,
                       trainable=["connector", "language_model"], lora={"r": 4, "alpha": 8},
-                      max_pixels=1024, min_pixels=1024)  # fmt: skip
+                      media=SMALL)  # fmt: skip
     final = train_stage(cfg)
     losses = [r["loss"] for r in steps(tmp_path / "out")]
     assert losses[-1] < losses[0]
@@ -245,8 +246,8 @@ def test_accumulation_resume_and_fresh_start_in_process(tmp_path, tiny_data):
 
     def cfg(out, **kw):
         return StageConfig(name="acc", data=str(tiny_data), output_dir=str(out), lr=3e-3, epochs=2, grad_accum=2,
-                           save_every=1, trainable=["connector", "language_model"], max_pixels=1024,
-                           min_pixels=1024, **kw)  # fmt: skip
+                           save_every=1, trainable=["connector", "language_model"], media=SMALL,
+                           **kw)  # fmt: skip
 
     train_stage(cfg(tmp_path / "whole"))
     assert [r["step"] for r in steps(tmp_path / "whole")] == [1, 2, 3, 4]  # 16 samples / 2 / 2
@@ -351,7 +352,7 @@ def test_two_nodes_from_a_hostfile(tmp_path, tiny_data):
 def _stage(tiny_data, out: Path, **kw) -> StageConfig:
     return StageConfig(**{"name": "h", "data": str(tiny_data), "output_dir": str(out), "lr": 1e-3,
                           "max_steps": 2, "save_every": 1, "trainable": ["connector"],
-                          "max_pixels": 1024, "min_pixels": 1024, **kw})  # fmt: skip
+                          "media": SMALL, **kw})  # fmt: skip
 
 
 def test_checkpoints_hold_no_pickles_of_ours_and_are_verified_before_resume(tmp_path, tiny_data):

@@ -20,20 +20,19 @@ from pathlib import Path
 from ..models.kinds import VisualKind
 from ..processing.errors import MediaError
 
+# Flags that override a saved media setting of the same name.
+_MEDIA_FLAGS = ("max_pixels", "min_pixels", "max_slices", "max_visual_tokens", "video_fps",
+                "video_frames", "max_video_frames", "ct_window", "intensity", "prune_threshold",
+                "max_sequence_length")  # fmt: skip
+
 
 def _options(args, saved):
-    overrides = {
-        "max_pixels": args.max_pixels,
-        "min_pixels": args.min_pixels,
-        "max_slices": args.max_slices,
-        "video_fps": args.video_fps,
-        "ct_window": args.ct_window,
-        "prune_threshold": args.prune_threshold,
-    }
-    options = dataclasses.replace(saved, **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: getattr(args, k) for k in _MEDIA_FLAGS if getattr(args, k) is not None}
     if args.no_prune:
-        options = dataclasses.replace(options, prune=False)
-    return options
+        overrides["prune"] = False
+    if args.true_positions:
+        overrides["true_positions"] = True
+    return saved.replace(**overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,11 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--no-prune", action="store_true", help="keep every visual token")
     parser.add_argument("--prune-threshold", type=float, help="L1 pruning threshold")
-    parser.add_argument("--max-pixels", type=int)
+    parser.add_argument("--max-pixels", type=int, help="pixel budget per frame")
     parser.add_argument("--min-pixels", type=int)
-    parser.add_argument("--max-slices", type=int)
-    parser.add_argument("--video-fps", type=float)
+    parser.add_argument("--max-slices", type=int, help="slices kept from a volume")
+    parser.add_argument("--max-visual-tokens", type=int, help="cap on visual tokens after pruning")
+    parser.add_argument("--video-fps", type=float, help="frames sampled per second")
+    parser.add_argument("--video-frames", type=int, help="frames sampled in all (instead of fps)")
+    parser.add_argument("--max-video-frames", type=int)
+    parser.add_argument("--max-sequence-length", type=int)
     parser.add_argument("--ct-window", help="CT window name (e.g. abdomen, lung, bone, brain)")
+    parser.add_argument("--intensity", help="auto, ct_window, percentile or none (already 0..1)")
+    parser.add_argument("--true-positions", action="store_true",
+                        help="t from frame times / slice positions instead of indices")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:

@@ -55,18 +55,32 @@ def plan_stages(args) -> list[StageConfig]:
                 data=_find_data(Path(args.data_dir), n), output_dir=str(Path(args.output_dir) / f"stage{n}"),
                 name=f"stage{n}", init=f"preset:{args.preset}" if n == numbers[0] else "previous",
             ))  # fmt: skip
-    overrides = {}
+    overrides, media = {}, {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        if stages and key not in stages[0].allowed_keys:
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: not a YAML value ({exc})") from None
+        if key.startswith("media."):  # one media setting, e.g. --set media.max_pixels=200704
+            media[key.removeprefix("media.")] = parsed
+        elif stages and key not in stages[0].allowed_keys:
             raise ConfigError(
-                f"--set {key}: unknown key; allowed keys: {sorted(stages[0].allowed_keys)}"
+                f"--set {key}: unknown key; allowed keys: {sorted(stages[0].allowed_keys)} "
+                "and media.<setting>"
             )
-        overrides[key] = yaml.safe_load(value)
-    if overrides:  # rebuilt, so every rule and conversion of the config applies again
-        stages = [dataclasses.replace(cfg, **overrides) for cfg in stages]
+        else:
+            overrides[key] = parsed
+    if overrides or media:  # rebuilt, so every rule and conversion of the config applies again
+        stages = [
+            dataclasses.replace(
+                cfg, **overrides,
+                **({"media": {**dataclasses.asdict(cfg.media), **media}} if media else {}),
+            )
+            for cfg in stages
+        ]  # fmt: skip
     check_stage_order(stages)
     outputs = [str(Path(c.output_dir).resolve()) for c in stages]
     if len(set(outputs)) != len(outputs):
@@ -117,7 +131,7 @@ def run_demo(output_dir: Path) -> None:
         cfg = load_stage_config(packaged_config(f"stage{n}"), data=str(paths[f"stage{n}"]),
                                 output_dir=str(output_dir / f"stage{n}"), name=f"stage{n}",
                                 init="preset:tiny" if n == 1 else "previous", epochs=demo_epochs[n],
-                                lr=3e-3, module_lr={}, **DEMO_MEDIA_SETTINGS)  # fmt: skip
+                                lr=3e-3, module_lr={}, media=DEMO_MEDIA_SETTINGS[n])  # fmt: skip
         stages.append(cfg)
     final = run_stages(stages)
     # As a user would: the exported folder alone (weights, tokenizer, processor settings).

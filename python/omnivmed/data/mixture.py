@@ -6,8 +6,9 @@
       - path: pmc_vqa.json     # relative to the YAML file
         root: media/pmc        # media root (default: the data file's folder)
         ratio: 0.7
-      - path: ct_rate.jsonl
+      - path: m3d_vqa.jsonl
         ratio: 0.3
+        intensity: none        # optional: media options for every record of the file
 
 Each file contributes round(ratio * num_samples) samples, drawn without replacement while
 it has enough and cycling through fresh shuffles beyond that; the order is shuffled with
@@ -24,10 +25,10 @@ import yaml
 from torch.utils.data import Dataset
 
 from .dataset import InstructionDataset
-from .records import load_records
+from .records import RecordError, load_records
 
 _KEYS = {"seed", "num_samples", "datasets"}
-_ENTRY_KEYS = {"path", "root", "ratio"}
+_ENTRY_KEYS = {"path", "root", "ratio", "intensity", "ct_window"}
 
 
 class MixtureError(ValueError):
@@ -91,10 +92,11 @@ def load_mixture(
             )
         path = yaml_path.parent / entry["path"]
         root = yaml_path.parent / entry["root"] if "root" in entry else None
-        parts.append(
-            InstructionDataset(
-                load_records(path, root, on_error), processor, on_error=on_error, prune=prune
-            )
-        )
+        defaults = {k: entry[k] for k in ("intensity", "ct_window") if k in entry}
+        try:
+            records = load_records(path, root, on_error, defaults)
+        except RecordError as exc:
+            raise MixtureError(f"{yaml_path}: datasets[{k}]: {exc}") from exc
+        parts.append(InstructionDataset(records, processor, on_error=on_error, prune=prune))
         ratios.append(float(entry.get("ratio", 1.0)))
     return MixtureDataset(parts, ratios, spec.get("num_samples"), int(spec.get("seed", 0)))

@@ -45,11 +45,13 @@ class Record:
     media: list[tuple[VisualKind, Path, dict[str, Any]]] = field(default_factory=list)
 
 
-_MEDIA_OPTIONS = ("start", "end", "ct_window")
+_MEDIA_OPTIONS = ("start", "end", "ct_window", "intensity")
+_INTENSITY_MODES = ("auto", "ct_window", "percentile", "none")
 
 
 def _check_media_options(options: dict[str, Any], sample_id: str) -> None:
-    """Per-medium settings: start/end seconds (video), a CT window name or [level, width]."""
+    """Per-medium settings: start/end seconds (video), a CT window name or [level, width],
+    an intensity mode (auto, ct_window, percentile, none)."""
     unknown = sorted(set(options) - set(_MEDIA_OPTIONS))
     if unknown:
         raise RecordError(
@@ -61,6 +63,11 @@ def _check_media_options(options: dict[str, Any], sample_id: str) -> None:
             isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
         ):
             raise RecordError(f"sample {sample_id!r}: {key} must be seconds >= 0, got {v!r}")
+    if options.get("intensity", "auto") not in _INTENSITY_MODES:
+        raise RecordError(
+            f"sample {sample_id!r}: intensity must be one of {list(_INTENSITY_MODES)}, "
+            f"got {options['intensity']!r}"
+        )
     window = options.get("ct_window")
     if window is not None and not isinstance(window, str):
         ok = (
@@ -75,10 +82,12 @@ def _check_media_options(options: dict[str, Any], sample_id: str) -> None:
         options["ct_window"] = tuple(window)
 
 
-def _resolve(root: Path, value: Any, sample_id: str) -> tuple[Path, dict[str, Any]]:
-    options: dict[str, Any] = {}
+def _resolve(
+    root: Path, value: Any, sample_id: str, defaults: dict[str, Any] | None = None
+) -> tuple[Path, dict[str, Any]]:
+    options: dict[str, Any] = dict(defaults or {})
     if isinstance(value, dict):  # {"path": ..., "start": ..., "end": ..., "ct_window": ...}
-        options = {k: v for k, v in value.items() if k != "path"}
+        options.update({k: v for k, v in value.items() if k != "path"})
         value = value.get("path")
         _check_media_options(options, sample_id)
     if not isinstance(value, str) or not value:
@@ -91,7 +100,9 @@ def _resolve(root: Path, value: Any, sample_id: str) -> tuple[Path, dict[str, An
     return path, options
 
 
-def parse_record(raw: dict[str, Any], root: Path, index: int) -> Record:
+def parse_record(
+    raw: dict[str, Any], root: Path, index: int, defaults: dict[str, Any] | None = None
+) -> Record:
     if not isinstance(raw, dict):
         raise RecordError(f"record #{index}: expected a JSON object, got {type(raw).__name__}")
     sample_id = str(raw.get("id", f"#{index}"))
@@ -107,7 +118,7 @@ def parse_record(raw: dict[str, Any], root: Path, index: int) -> Record:
     for key, kind in _KIND_KEYS.items():
         if key in raw:
             values = raw[key] if isinstance(raw[key], list) else [raw[key]]
-            by_kind[kind] += [_resolve(root, v, sample_id) for v in values]
+            by_kind[kind] += [_resolve(root, v, sample_id, defaults) for v in values]
     kinds_present = [k for k in VisualKind if by_kind[k]]
     markers = [
         _MARKER_KIND[m] for turn in convs for m in _MARKER_RE.findall(str(turn.get("value", "")))
@@ -132,11 +143,18 @@ def parse_record(raw: dict[str, Any], root: Path, index: int) -> Record:
 
 
 def load_records(
-    path: str | Path, root: str | Path | None = None, on_error: str = "raise"
+    path: str | Path,
+    root: str | Path | None = None,
+    on_error: str = "raise",
+    media_defaults: dict[str, Any] | None = None,
 ) -> list[Record]:
     """Read a .json (list) or .jsonl file; media paths resolve against `root` (default:
     the file's folder). A record that cannot be parsed is an error, or with
-    `on_error="skip"` is left out with a warning that names it and counts the skips."""
+    `on_error="skip"` is left out with a warning that names it and counts the skips.
+    `media_defaults` are media options for every record of the file (a dataset's
+    `intensity`, say); a record's own entry wins."""
+    if media_defaults:
+        _check_media_options(dict(media_defaults), f"defaults of {path}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
@@ -165,7 +183,7 @@ def load_records(
     records, skipped = [], []
     for i, raw in enumerate(raws):
         try:
-            records.append(parse_record(raw, root, i))
+            records.append(parse_record(raw, root, i, media_defaults))
         except RecordError as exc:
             if on_error != "skip":
                 raise RecordError(f"{path}: {exc}") from exc

@@ -12,7 +12,6 @@ import torch
 from ..models.kinds import VisualKind
 from ..processing.processor import Media, OmniVMedProcessor, ProcessorOptions
 from ..processing.prompt import expand_markers
-from ..processing.visual_batch import pack_visual_items
 
 _MARKER = {VisualKind.IMAGE: "<image>", VisualKind.VIDEO: "<video>", VisualKind.VOLUME: "<image3d>"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,9 +67,7 @@ def answer_questions(model, tokenizer, kind: VisualKind, path: str | Path, quest
     """Greedy answers to each question about one medium, read and pruned once, on the
     model's device."""
     processor = OmniVMedProcessor(model.config, tokenizer, options)
-    item = processor.load(Media(kind, path))
-    visual = pack_visual_items([item], model.config, prune=processor.options.prune,
-                               threshold=processor.options.prune_threshold)  # fmt: skip
+    visual = processor.encode_media([Media(kind, path)])  # as training read it
     device = next(model.parameters()).device
     visual_inputs = {k: v.to(device) for k, v in visual.model_inputs().items()}
     model.eval()
@@ -81,6 +78,7 @@ def answer_questions(model, tokenizer, kind: VisualKind, path: str | Path, quest
         messages = expand_markers(turn, visual.token_counts, model.config.image_token)
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+        processor.check_length(inputs["input_ids"].shape[1], visual.token_counts[0], "question")
         out = model.generate(**inputs, **visual_inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
         text = tokenizer.decode(

@@ -228,7 +228,9 @@ class OmniVMedConfig(PretrainedConfig):
             `volume_key_positions` coding each key's (slice, row, column)), "encoder3d"
             (a 3D ViT configured by `encoder3d_config`).
         image_token: the placeholder that stands for one visual token in the prompt.
-        prune_threshold / prune_mode / prune_unit: pruning of slices and frames.
+        prune_unit: pruning keeps whole `prune_unit` x `prune_unit` blocks (the model's
+            structure needs it for a 2x2 merge); how much is pruned is a media setting
+            (`ProcessorOptions.prune_threshold`), saved beside the model, not in it.
     """
 
     model_type = "omnivmed"
@@ -247,11 +249,12 @@ class OmniVMedConfig(PretrainedConfig):
         volume_key_positions: bool = False,
         image_token: str = "<image>",
         image_token_id: int | None = None,
-        prune_threshold: float = 0.1,
-        prune_mode: str = "previous",
         prune_unit: int = 1,
         **kwargs: Any,
     ) -> None:
+        # Configs saved before the media settings moved to processor_config.json.
+        kwargs.pop("prune_threshold", None)
+        kwargs.pop("prune_mode", None)
         if isinstance(vision_config, dict):
             vision_config = OmniVMedVisionConfig(**vision_config)
         self.vision_config = vision_config or OmniVMedVisionConfig()
@@ -275,8 +278,6 @@ class OmniVMedConfig(PretrainedConfig):
         self.volume_key_positions = volume_key_positions
         self.image_token = image_token
         self.image_token_id = image_token_id
-        self.prune_threshold = prune_threshold
-        self.prune_mode = prune_mode
         self.prune_unit = prune_unit
         ModelParts.of(self).check(self)
         kwargs.setdefault(

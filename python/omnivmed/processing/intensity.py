@@ -54,6 +54,30 @@ def volume_to_unit_range(data: np.ndarray, modality: str, window: str | tuple[fl
     return normalize_percentile(data)
 
 
+def to_unit_range(data: np.ndarray, modality: str, mode: str = "auto",
+                  window: str | tuple[float, float] | None = None, source: str = "") -> np.ndarray:  # fmt: skip
+    """Volume intensities -> [0, 1] by `mode`: "auto" (CT windowed, the rest by
+    percentiles), "ct_window", "percentile", or "none" (already in [0, 1], e.g. M3D's
+    arrays: checked, never re-normalised)."""
+    if data.size == 0:
+        raise MediaError(source, "volume is empty")
+    if mode == "auto":
+        return volume_to_unit_range(data, modality, window, source)
+    if mode == "ct_window":
+        return window_ct(data, window or DEFAULT_CT_WINDOW)
+    if mode == "percentile":
+        return normalize_percentile(data)
+    if mode == "none":
+        lo, hi = float(data.min()), float(data.max())
+        if lo < 0 or hi > 1:
+            raise MediaError(
+                source, f"intensity 'none' takes values already in [0, 1], found [{lo:g}, {hi:g}]; "
+                "use 'auto', 'ct_window' or 'percentile'"
+            )  # fmt: skip
+        return data.astype(np.float32, copy=False)
+    raise ValueError(f"unknown intensity mode {mode!r}; known: auto, ct_window, percentile, none")
+
+
 def to_encoder_input(
     frames01: np.ndarray | torch.Tensor,
     mean: tuple[float, ...] = (0.5, 0.5, 0.5),

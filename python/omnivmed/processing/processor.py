@@ -1,124 +1,49 @@
 """The processor: media files and a conversation -> model inputs with exact placeholder
-counts. One place that ties reading, intensity, resizing, patchify + prune and prompts."""
+counts. One place that ties reading, intensity, resizing, patchify + prune, the token cap
+and prompts; training, `omnivmed-infer` and the Python inference API all go through
+`encode_media`, so they see the same visual tokens for the same file and settings."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..models.configuration import OmniVMedConfig
 from ..models.kinds import VisualKind
-from ..models.parts import ModelParts, visual_token_count
+from ..models.parts import ModelParts
 from .errors import MediaError
-from .intensity import to_encoder_input, volume_to_unit_range
+from .intensity import to_encoder_input, to_unit_range
+from .options import PROCESSOR_CONFIG_NAME, ProcessorOptions
 from .prompt import expand_markers, to_messages, tokenize_conversation
-from .readers import DEFAULT_MAX_BYTES, read_image, read_video, read_volume
-from .resize import frames_within_token_cap, resize_frames, snap_size, uniform_indices
+from .readers import read_image, read_video, read_volume
+from .resize import resize_frames, snap_size, uniform_indices
 from .visual_batch import VisualBatch, VisualItem, pack_visual_items
 
-
-@dataclass
-class ProcessorOptions:
-    min_pixels: int = 64 * 64
-    max_pixels: int = 448 * 448
-    max_slices: int = 32  # slices kept from a volume (evenly spread)
-    max_visual_tokens: int = 4096  # per sample, after pruning; big items are subsampled to fit
-    video_fps: float | None = 1.0
-    video_frames: int | None = None
-    max_video_frames: int = 32
-    ct_window: str | None = None  # None: the default window for CT, percentiles otherwise
-    prune: bool = True
-    prune_threshold: float | None = None  # None: the model config's
-    max_bytes: int = DEFAULT_MAX_BYTES
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-
-    def __post_init__(self) -> None:
-        """Every value range-checked when the settings are built (flags, YAML, saved JSON)."""
-
-        def bad(name: str, rule: str) -> ValueError:
-            return ValueError(f"processor setting {name} = {getattr(self, name)!r}: {rule}")
-
-        def number(name: str) -> bool:
-            v = getattr(self, name)
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        for name in ("min_pixels", "max_pixels", "max_slices", "max_visual_tokens",
-                     "max_video_frames", "max_bytes"):  # fmt: skip
-            if (
-                not number(name)
-                or int(getattr(self, name)) != getattr(self, name)
-                or getattr(self, name) < 1
-            ):
-                raise bad(name, "must be a positive integer")
-        if self.min_pixels > self.max_pixels:
-            raise bad("min_pixels", f"must not exceed max_pixels = {self.max_pixels}")
-        if self.video_fps is not None and (not number("video_fps") or self.video_fps <= 0):
-            raise bad("video_fps", "must be a positive number of frames per second (or None)")
-        if self.video_frames is not None and (
-            not number("video_frames") or int(self.video_frames) != self.video_frames
-            or self.video_frames < 1
-        ):  # fmt: skip
-            raise bad("video_frames", "must be a positive integer (or None)")
-        if self.prune_threshold is not None and (
-            not number("prune_threshold") or self.prune_threshold < 0
-        ):
-            raise bad("prune_threshold", "must be a finite number >= 0 (or None)")
-        for name in ("image_mean", "image_std"):
-            values = tuple(getattr(self, name))
-            if len(values) != 3 or not all(
-                isinstance(v, (int, float)) and math.isfinite(v) for v in values
-            ):
-                raise bad(name, "must be three finite numbers")
-        if min(self.image_std) <= 0:
-            raise bad("image_std", "must be positive")
-
-    def save(self, directory: str | Path) -> Path:
-        """Write the settings next to a saved model (`processor_config.json`), so inference
-        reads media exactly as training did."""
-        path = Path(directory) / PROCESSOR_CONFIG_NAME
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
-        return path
-
-    @classmethod
-    def from_dir(cls, directory: str | Path) -> ProcessorOptions:
-        """The settings saved with a model; the defaults when the directory has none."""
-        path = Path(directory) / PROCESSOR_CONFIG_NAME
-        if not path.exists():
-            return cls()
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object of settings")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
-        for key in ("image_mean", "image_std"):
-            if isinstance(data.get(key), list):
-                data[key] = tuple(data[key])
-        try:
-            return cls(**data)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from exc
-
-
-PROCESSOR_CONFIG_NAME = "processor_config.json"
+__all__ = ["PROCESSOR_CONFIG_NAME", "Media", "OmniVMedProcessor", "ProcessorOptions", "ReadMedium"]
 
 
 @dataclass
 class Media:
     kind: VisualKind
     path: str | Path | list
-    options: dict[str, Any] | None = None  # per-sample: ct_window, start, end, ...
+    options: dict[str, Any] | None = None  # per medium: intensity, ct_window, start, end
+
+
+@dataclass
+class ReadMedium:
+    """One medium read into [0, 1] at native resolution: `frames01` `[F, H, W]` or
+    `[F, H, W, C]`, the resampled volume of a whole-volume strategy, the frames' t."""
+
+    kind: VisualKind
+    frames01: np.ndarray
+    volume3d: torch.Tensor | None
+    t_values: list[int] | None
+    source: str
 
 
 class OmniVMedProcessor:
@@ -140,94 +65,151 @@ class OmniVMedProcessor:
             )
 
     # ---- media -------------------------------------------------------------------------
-    def load(self, media: Media) -> VisualItem:
-        """Read and normalize one item into encoder-ready frames `[F, C, H, W]`."""
+    def read(self, media: Media) -> ReadMedium:
+        """Read one medium into [0, 1] at native resolution, after the slice/frame budget."""
         o, extra = self.options, media.options or {}
-        channels = self.config.vision_config.num_channels
+        mode = extra.get("intensity", o.intensity)
+        t_values = None
         if media.kind == VisualKind.IMAGE:
             frames01 = read_image(media.path, o.max_bytes)[None]
+            source = str(media.path)
         elif media.kind == VisualKind.VIDEO:
             video = read_video(
                 media.path, sample_fps=None if o.video_frames else o.video_fps, num_frames=o.video_frames,
                 start=extra.get("start"), end=extra.get("end"), max_frames=o.max_video_frames, max_bytes=o.max_bytes,
             )  # fmt: skip
-            frames01 = video.frames
+            frames01, source = video.frames, video.source
+            if o.true_positions:
+                if not video.timed:
+                    raise MediaError(
+                        source, "true_positions needs frame times, but a folder or list of frame "
+                        "images has none; give a video file or turn true_positions off"
+                    )  # fmt: skip
+                t_values = self._positions(np.asarray(video.timestamps), o.seconds_per_t,
+                                           "seconds_per_t", source)  # fmt: skip
         else:
             volume = read_volume(media.path, o.max_bytes)
-            data = volume.data[uniform_indices(volume.data.shape[0], o.max_slices)]
-            frames01 = volume_to_unit_range(
-                data, volume.modality, extra.get("ct_window", o.ct_window), volume.source
+            keep = uniform_indices(volume.data.shape[0], o.max_slices)
+            window = extra.get("ct_window", o.ct_window)
+            frames01 = to_unit_range(
+                volume.data[keep], volume.modality, mode, window, volume.source
             )
-        frames = to_encoder_input(frames01, o.image_mean, o.image_std, channels)
-        if self.fixed_size is not None:
-            height, width = self.fixed_size
-        else:
-            height, width = snap_size(
-                frames.shape[-2], frames.shape[-1], self.multiple, o.min_pixels, o.max_pixels
-            )
-        frames = resize_frames(frames, (height, width))
+            source = volume.source
+            if o.true_positions:
+                if volume.slice_positions is None:
+                    raise MediaError(
+                        source, "true_positions needs slice positions, but this file does not "
+                        "record them (a NumPy array, or DICOM without ImagePositionPatient)"
+                    )  # fmt: skip
+                t_values = self._positions(
+                    volume.slice_positions[keep], o.mm_per_t, "mm_per_t", source
+                )
         volume3d = None
         if self.parts.uses_volume_3d(media.kind):
-            volume01 = torch.as_tensor(frames01 if frames01.ndim == 3 else frames01[..., 0])
-            volume3d = self.parts.volume.prepare_volume(self.config, volume01)
-        return VisualItem(media.kind, frames, volume3d=volume3d)
+            gray = frames01 if frames01.ndim == 3 else frames01.mean(axis=-1)
+            volume3d = self.parts.volume.prepare_volume(self.config, torch.as_tensor(gray))
+        return ReadMedium(media.kind, frames01, volume3d, t_values, source)
 
-    def _fit_token_cap(self, items: list[VisualItem]) -> list[VisualItem]:
-        """Subsample long videos and big volumes (evenly, whole frames) so the sample's
-        unpruned visual tokens fit the cap; never cut an item short."""
-        cap = self.options.max_visual_tokens
+    @staticmethod
+    def _positions(where: np.ndarray, unit: float, setting: str, source: str) -> list[int]:
+        """Times or slice positions -> integer t from the first, in `unit`s; distinct."""
+        t = np.round((where - where[0]) / unit).astype(np.int64)
+        if len(t) > 1 and np.any(np.diff(t) <= 0):
+            raise MediaError(
+                source, f"{setting} = {unit} puts two sampled frames at one t (t = {t.tolist()}); "
+                f"lower {setting}"
+            )  # fmt: skip
+        return t.tolist()
+
+    def to_item(
+        self, medium: ReadMedium, frames: list[int] | None = None, max_pixels: int | None = None
+    ) -> VisualItem:
+        """Encoder-ready frames `[F, C, H, W]` of the chosen frames at a pixel budget
+        (`max_pixels`, default the options'; a fixed-size encoder takes its own size)."""
+        o = self.options
+        frames = list(range(medium.frames01.shape[0])) if frames is None else frames
+        x = to_encoder_input(medium.frames01[frames], o.image_mean, o.image_std,
+                             self.config.vision_config.num_channels)  # fmt: skip
+        if self.fixed_size is not None:
+            size = self.fixed_size
+        else:
+            budget = o.max_pixels if max_pixels is None else max_pixels
+            size = snap_size(
+                x.shape[-2], x.shape[-1], self.multiple, min(o.min_pixels, budget), budget
+            )
+        t_values = None if medium.t_values is None else [medium.t_values[i] for i in frames]
+        return VisualItem(medium.kind, resize_frames(x, size), medium.volume3d, t_values)
+
+    def load(self, media: Media) -> VisualItem:
+        """Read one medium into encoder-ready frames at the full pixel budget."""
+        return self.to_item(self.read(media))
+
+    def encode_media(
+        self, media: list[Media], sample_id: str = "?", prune: bool | None = None
+    ) -> VisualBatch:
+        """Read, size and prune a sample's media so its visual tokens *after pruning* fit
+        `max_visual_tokens`: over the cap, the pixel budget shrinks first (frames stay
+        consecutive, so pruning keeps working), then frames are thinned evenly, pruning
+        again after every step. An error when even one frame per item at `min_pixels` is
+        too many."""
+        try:
+            read = [self.read(m) for m in media]
+        except MediaError as exc:
+            raise exc.for_sample(sample_id) from exc
+        o = self.options
+        cap = o.max_visual_tokens
+        chosen = [list(range(r.frames01.shape[0])) for r in read]
+        budget = o.max_pixels
+        while True:
+            items = [self.to_item(r, c, budget) for r, c in zip(read, chosen, strict=True)]
+            batch = pack_visual_items(items, self.config, o, prune)
+            total = sum(batch.token_counts)
+            if total <= cap:
+                return batch
+            ratio = cap / total
+            if self.fixed_size is None and budget > o.min_pixels:
+                # Tokens scale with pixels: aim just under the cap, and shrink by 10% at least.
+                budget = max(o.min_pixels, min(int(budget * ratio * 0.95), int(budget * 0.9)))
+                continue
+            thinnable = [
+                i for i, item in enumerate(items) if len(chosen[i]) > 1 and self._grows(item)
+            ]
+            if not thinnable:
+                raise ValueError(
+                    f"sample {sample_id!r}: {total} visual tokens after pruning exceed "
+                    f"max_visual_tokens = {cap} even at min_pixels = {o.min_pixels} with "
+                    f"{[len(c) for c in chosen]} frames per item; raise max_visual_tokens, "
+                    f"lower min_pixels or give fewer media"
+                )
+            for i in thinnable:
+                keep = max(1, min(len(chosen[i]) - 1, math.floor(len(chosen[i]) * ratio)))
+                chosen[i] = [chosen[i][j] for j in uniform_indices(len(chosen[i]), keep)]
+
+    def _grows(self, item: VisualItem) -> bool:
+        """Whether fewer frames of this item give fewer tokens (not so for fixed-cost
+        strategies and connectors)."""
+        f, _, h, w = item.frames.shape
         ps = self.config.vision_config.patch_size
-
-        def tokens(item):
-            f, _, h, w = item.frames.shape
-            return visual_token_count(self.config, item.kind, f, h // ps, w // ps)
-
-        total = sum(tokens(i) for i in items)
-        if total <= cap:
-            return items
-
-        # Items whose token count grows with their frames (pruned/rotary volumes, videos) are
-        # thinned; fixed-cost items (slice_avg, slice_attn, encoder3d, a resampler) are not.
-        # Smaller demands are served first, so budget they leave passes to the others.
-        def grows(item):
-            f = item.frames.shape[0]
-            return f > 1 and tokens(VisualItem(item.kind, item.frames[:1])) * f == tokens(item)
-
-        remaining = cap - sum(tokens(i) for i in items if not grows(i))
-        growing = sorted(
-            (i for i, item in enumerate(items) if grows(item)), key=lambda i: tokens(items[i])
-        )
-        out = list(items)
-        for n_left, i in zip(range(len(growing), 0, -1), growing, strict=True):
-            item = items[i]
-            per_frame = tokens(VisualItem(item.kind, item.frames[:1]))
-            keep = frames_within_token_cap(
-                item.frames.shape[0], per_frame, max(remaining // n_left, per_frame)
-            )
-            out[i] = VisualItem(
-                item.kind, item.frames[uniform_indices(item.frames.shape[0], keep)], item.volume3d
-            )
-            remaining -= keep * per_frame
-        if sum(tokens(i) for i in out) > cap:
-            raise ValueError(
-                f"the sample's images alone give more than max_visual_tokens = {cap} tokens"
-            )
-        return out
+        count = lambda n: self.parts.token_count(self.config, item.kind, n, h // ps, w // ps)  # noqa: E731
+        return count(f) > count(1)
 
     # ---- samples -----------------------------------------------------------------------
     def __call__(self, conversations: list[dict], media: list[Media], sample_id: str = "?",
                  prune: bool | None = None) -> dict[str, Any]:  # fmt: skip
         """-> {"input_ids", "labels", "visual": VisualBatch, "id"}."""
         messages = to_messages(conversations, sample_id)
-        try:
-            items = [self.load(m) for m in media]
-        except MediaError as exc:
-            raise exc.for_sample(sample_id) from exc
-        items = self._fit_token_cap(items)
-        prune = self.options.prune if prune is None else prune
-        visual: VisualBatch = pack_visual_items(
-            items, self.config, prune=prune, threshold=self.options.prune_threshold
-        )
+        visual = self.encode_media(media, sample_id, prune)
         messages = expand_markers(messages, visual.token_counts, self.config.image_token, sample_id)
         input_ids, labels = tokenize_conversation(self.tokenizer, messages)
+        self.check_length(len(input_ids), sum(visual.token_counts), sample_id)
         return {"id": sample_id, "input_ids": input_ids, "labels": labels, "visual": visual}
+
+    def check_length(self, tokens: int, visual: int, sample_id: str = "?") -> None:
+        """A sequence over `max_sequence_length` is an error (skipped and counted under
+        on_error=skip), never truncated."""
+        limit = self.options.max_sequence_length
+        if limit is not None and tokens > limit:
+            raise ValueError(
+                f"sample {sample_id!r}: {tokens} tokens ({visual} visual) exceed "
+                f"max_sequence_length = {limit}"
+            )

@@ -20,12 +20,15 @@ DEFAULT_MAX_BYTES = 2 << 30  # refuse volumes/videos whose float32 data would ex
 
 @dataclass
 class Volume:
-    """Axial slices `[S, H, W]` float32 (CT in Hounsfield units when the source says so)."""
+    """Axial slices `[S, H, W]` (or `[S, H, W, 3]` for a 3-channel array) float32, CT in
+    Hounsfield units when the source says so. `slice_positions` (mm along the scan, one
+    per slice, increasing) when the file records where its slices are."""
 
     data: np.ndarray
     modality: str  # "CT", "MR" or "unknown"
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # slice, row, column (mm)
     source: str = ""
+    slice_positions: np.ndarray | None = None
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Video:
     frames: np.ndarray
     timestamps: list[float] = field(default_factory=list)
     source: str = ""
+    timed: bool = True  # False for frame images, whose times are assumed (1 per second)
 
 
 def _check_size(path: Path, shape: Sequence[int], max_bytes: int) -> None:
@@ -159,7 +163,9 @@ def read_nifti(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
     _check_finite(path, data)
     # RAS+ -> the radiological view DICOM gives: rows anterior first, columns patient right first.
     slices = np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, ::-1])
-    return Volume(slices, "unknown", (float(zooms[2]), float(zooms[1]), float(zooms[0])), str(path))
+    spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
+    positions = np.arange(slices.shape[0], dtype=np.float64) * spacing[0]
+    return Volume(slices, "unknown", spacing, str(path), positions)
 
 
 def read_dicom_series(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
@@ -211,6 +217,7 @@ def read_dicom_series(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
         return float(h.get("InstanceNumber", 0))
 
     headers.sort(key=order)
+    positions = np.asarray([order(item) for item in headers], dtype=np.float64)
     slices = []
     for f, _ in headers:
         try:
@@ -238,7 +245,14 @@ def read_dicom_series(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
     modality = str(first.get("Modality", "unknown")) or "unknown"
     spacing_rc = [float(v) for v in first.get("PixelSpacing", [1.0, 1.0])]
     thickness = float(first.get("SliceThickness", 1.0) or 1.0)
-    return Volume(data, modality, (thickness, spacing_rc[0], spacing_rc[1]), str(path))
+    located = all(h.get("ImagePositionPatient") is not None for _, h in headers)
+    if not located or len(headers) != data.shape[0]:  # multi-frame files: frames are slices
+        positions = np.arange(data.shape[0], dtype=np.float64) * thickness if located else None
+    else:
+        positions = positions - positions[0]
+        if len(positions) > 1 and np.any(np.diff(positions) <= 0):
+            positions = None  # slices at one position (several acquisitions): unknown
+    return Volume(data, modality, (thickness, spacing_rc[0], spacing_rc[1]), str(path), positions)
 
 
 def read_numpy_volume(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
@@ -263,10 +277,26 @@ def read_numpy_volume(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
         raise MediaError(
             path, f"the array holds {what} (dtype {arr.dtype}); a volume needs real intensities"
         )
-    if arr.ndim != 3:
-        raise MediaError(path, f"expected a 3-D array [slices, H, W], got shape {arr.shape}")
+    if arr.ndim == 4:
+        # C, D, H, W with C = 1 or 3 (M3D's layout); (3, 3, H, W) could be either axis.
+        if arr.shape[0] == 3 and arr.shape[1] == 3:
+            raise MediaError(
+                path, f"ambiguous layout {arr.shape}: 3 channels of 3 slices, or 3 slices of 3 "
+                "channels? Save a 3-channel volume as C, D, H, W with D != 3, or as D, H, W"
+            )  # fmt: skip
+        if arr.shape[0] not in (1, 3):
+            raise MediaError(
+                path, f"a 4-D array must be C, D, H, W with C = 1 or 3, got shape {arr.shape}"
+            )
+    elif arr.ndim != 3:
+        raise MediaError(
+            path,
+            f"expected [slices, H, W] or [C, slices, H, W] (C = 1 or 3), got shape {arr.shape}",
+        )
     _check_size(path, arr.shape, max_bytes)
     data = np.asarray(arr, dtype=np.float32)
+    if data.ndim == 4:
+        data = data[0] if data.shape[0] == 1 else np.ascontiguousarray(data.transpose(1, 2, 3, 0))
     _check_finite(path, data)
     return Volume(data, "unknown", source=str(path))
 
@@ -370,4 +400,4 @@ def _read_frame_images(
         frames.append(np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img)
     if len({f.shape for f in frames}) != 1:
         raise MediaError(path, "frame images have different sizes")
-    return Video(np.stack(frames), [float(i) for i in idx], str(path))
+    return Video(np.stack(frames), [float(i) for i in idx], str(path), timed=False)

@@ -12,18 +12,22 @@ import omnivmed_ext
 from ..models.configuration import OmniVMedConfig
 from ..models.kinds import VisualKind
 from ..models.parts import ModelParts
+from .options import ProcessorOptions
 from .patchify import patchify
 
 
 @dataclass
 class VisualItem:
     """One image (`[1, C, H, W]`), video (`[F, C, H, W]`) or volume (`[S, C, H, W]`
-    slices), with H and W multiples of the patch size. `volume3d` is the fixed-size
+    slices), with H and W multiples of the patch size. `t_values`, when given, are the
+    frames' t positions (increasing), else t is the frame's index. `volume3d` is the fixed-size
     `[C, D, H, W]` volume for a strategy that takes whole volumes (`VolumeInput.VOLUME_3D`)."""
 
     kind: VisualKind
     frames: torch.Tensor | None = None
     volume3d: torch.Tensor | None = None
+    # The t of each frame when it is not the frame's index (true time or slice position).
+    t_values: list[int] | None = None
 
 
 @dataclass
@@ -53,14 +57,17 @@ class VisualBatch:
 def pack_visual_items(
     items: list[VisualItem],
     config: OmniVMedConfig,
-    prune: bool = True,
-    threshold: float | None = None,
+    options: ProcessorOptions | None = None,
+    prune: bool | None = None,
 ) -> VisualBatch:
-    """Patchify every item, prune slices/frames where the parts allow it (when `prune`),
-    and pack them in order. `token_counts[i]` is how many placeholders item i needs."""
+    """Patchify every item, prune slices/frames where the parts allow it (`options.prune`,
+    `prune_threshold`, `prune_mode`; `prune` overrides the first), and pack them in order.
+    `token_counts[i]` is how many placeholders item i needs."""
+    options = options or ProcessorOptions()
+    prune = options.prune if prune is None else prune
+    threshold = options.prune_threshold
     parts = ModelParts.of(config)
     ps = config.vision_config.patch_size
-    threshold = config.prune_threshold if threshold is None else threshold
     values, positions, lengths, kinds, grids, volumes = [], [], [], [], [], []
     counts, unpruned = [], []
     for item in items:
@@ -86,13 +93,22 @@ def pack_visual_items(
         if prune and threshold > 0 and f > 1 and parts.may_prune(kind):
             kept = omnivmed_ext.l1_prune(
                 patches, torch.tensor([0, f], dtype=torch.int32), (gh, gw), threshold,
-                config.prune_mode, config.prune_unit,
+                options.prune_mode, config.prune_unit,
             )  # fmt: skip
             values.append(kept.values)
-            positions.append(kept.positions)
+            item_positions = kept.positions
         else:
             values.append(patches.reshape(f * n, p))
-            positions.append(omnivmed_ext.frame_positions(f, gh, gw))
+            item_positions = omnivmed_ext.frame_positions(f, gh, gw)
+        if item.t_values is not None:
+            if len(item.t_values) != f:
+                raise ValueError(
+                    f"VisualItem.t_values has {len(item.t_values)} entries for {f} frames"
+                )
+            table = torch.tensor(item.t_values, dtype=item_positions.dtype)
+            item_positions = item_positions.clone()
+            item_positions[:, 0] = table[item_positions[:, 0].long()]
+        positions.append(item_positions)
         lengths.append(values[-1].shape[0])
         counts.append(parts.token_count(config, kind, f, gh, gw, kept=lengths[-1]))
         unpruned.append(parts.token_count(config, kind, f, gh, gw))

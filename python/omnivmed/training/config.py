@@ -24,7 +24,10 @@ class StageConfig:
     stage ("previous" when run in a chain); `data` a .json/.jsonl file or a YAML mixture.
     `model` changes the preset a first stage builds: `build_model` arguments and model
     config fields, e.g. `{vision_config: {position_encoding: learned}}` (OmniV-Med's
-    fixed-position-embedding ablation) or `{volume_strategy: slice_attn}`."""
+    fixed-position-embedding ablation) or `{volume_strategy: slice_attn}`. `media` is the
+    stage's one set of media settings (`ProcessorOptions`: pixel budgets, slice and frame
+    budgets, the visual-token cap, pruning, intensity, the sequence limit), saved with the
+    exported model for inference."""
 
     name: str
     stage: int = 1
@@ -46,12 +49,7 @@ class StageConfig:
     zero_stage: int = 2
     offload: bool = False
     gradient_checkpointing: bool = False
-    prune: bool = False
-    prune_threshold: float | None = None
-    min_pixels: int = 32 * 32
-    max_pixels: int = 448 * 448
-    max_slices: int = 32
-    video_fps: float = 1.0
+    media: ProcessorOptions = field(default_factory=ProcessorOptions)
     save_every: int = 0
     keep_last: int = 2
     seed: int = 0
@@ -101,10 +99,15 @@ class StageConfig:
             raise ConfigError(
                 f"stage {self.name!r}: save_every must be >= 0, got {self.save_every}"
             )
-        try:  # the media settings, checked by their owner
-            processor_options(self)
-        except ValueError as exc:
-            raise ConfigError(f"stage {self.name!r}: {exc}") from None
+        if isinstance(self.media, dict):  # from YAML: checked by its owner
+            try:
+                self.media = ProcessorOptions.from_mapping(
+                    self.media, f"stage {self.name!r}: media"
+                )
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(str(exc)) from None
+        elif not isinstance(self.media, ProcessorOptions):
+            raise ConfigError(f"stage {self.name!r}: media must be a mapping of settings")
         if not (math.isfinite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
             raise ConfigError(
                 f"stage {self.name!r}: warmup_ratio must be in [0, 1), got {self.warmup_ratio}"
@@ -160,12 +163,6 @@ class StageConfig:
         return [f.name for f in dataclasses.fields(self)]
 
 
-def processor_options(cfg: StageConfig) -> ProcessorOptions:
-    """How this stage reads media; saved with the exported model for inference."""
-    return ProcessorOptions(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, max_slices=cfg.max_slices,
-                            video_fps=cfg.video_fps, prune=cfg.prune, prune_threshold=cfg.prune_threshold)  # fmt: skip
-
-
 def model_setting_names() -> set[str]:
     """What a stage's `model` mapping may set: `build_model`'s arguments and the model
     config's fields."""
@@ -194,7 +191,9 @@ def load_stage_config(path: str | Path, **overrides: Any) -> StageConfig:
     allowed = {f.name for f in dataclasses.fields(StageConfig)}
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise ConfigError(f"{path}: unknown keys {unknown}; allowed keys: {sorted(allowed)}")
+        media_keys = sorted(set(unknown) & {f.name for f in dataclasses.fields(ProcessorOptions)})
+        hint = f" ({', '.join(media_keys)} go under `media:`)" if media_keys else ""
+        raise ConfigError(f"{path}: unknown keys {unknown}{hint}; allowed keys: {sorted(allowed)}")
     raw.setdefault("name", path.stem)
     try:
         return StageConfig(**raw)

@@ -33,7 +33,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import ConfigError, StageConfig, check_data, processor_options
+from .config import ConfigError, StageConfig, check_data
 from .distributed import barrier, init_distributed
 from .sampler import ResumableShardedSampler
 
@@ -169,14 +169,13 @@ def deepspeed_config(cfg: StageConfig) -> dict[str, Any]:
 
 def build_dataset(cfg: StageConfig, model, tokenizer):
     check_data(cfg)
-    processor = OmniVMedProcessor(model.config, tokenizer, processor_options(cfg))
+    processor = OmniVMedProcessor(model.config, tokenizer, cfg.media)
     if cfg.data.endswith((".yaml", ".yml")):
-        return load_mixture(cfg.data, processor, on_error=cfg.on_error, prune=cfg.prune)
+        return load_mixture(cfg.data, processor, on_error=cfg.on_error)
     return InstructionDataset(
         load_records(cfg.data, cfg.data_root, cfg.on_error),
         processor,
         on_error=cfg.on_error,
-        prune=cfg.prune,
     )
 
 
@@ -406,7 +405,7 @@ def _train_stage(cfg, resume, stop_after_steps, allow_changed) -> Path:
     final = out_dir / "final"
     write_fingerprint(engine, out_dir / f"fingerprint_rank{rank}.json", cfg.zero_stage, step)
     if step >= total_steps:
-        export(engine, tokenizer, final, cfg.zero_stage, rank, processor_options(cfg))
+        export(engine, tokenizer, final, cfg.zero_stage, rank, cfg.media)
     barrier()
     return final
 
