@@ -322,3 +322,33 @@ def test_sequences_over_the_limit_are_errors_or_counted_skips(tiny, tmp_path):
         proc(_conv("<image3d>"), [Media(VisualKind.VOLUME, path)], "long")
     skipping = InstructionDataset(load_records(tmp_path / "d.json"), proc, on_error="skip")
     assert skipping[0] is None
+
+
+# ---- token statistics at dataset scale -------------------------------------------------------
+def test_token_statistics_command(tmp_path, capsys):
+    from omnivmed.cli.data import main
+
+    _volume(tmp_path / "v.npy", frames=8, repeat=4)  # 2 distinct slices, each x4
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "x.png")
+    records = [
+        {"id": "ct", "modality": "CT", "volumes": ["v.npy"], "conversations": _conv("<image3d>")},
+        {"id": "img", "images": ["x.png"], "conversations": _conv("<image>")},
+        {"id": "gone", "images": ["missing.png"], "conversations": _conv("<image>")},
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    code = main(["tokens", str(tmp_path / "d.json"), "--preset", "tiny", "--out", str(tmp_path / "out"),
+                 "--set", "media.max_pixels=4096", "--set", "media.prune_threshold=0.01"])  # fmt: skip
+    assert code == 0
+    stats = {
+        m["modality"]: m
+        for m in json.loads((tmp_path / "out" / "token_stats.json").read_text())["modalities"]
+    }
+    assert stats["CT"]["unpruned"] == 8 * 64 and stats["CT"]["pruned"] == 2 * 64
+    assert stats["image"]["reduction"] == 0.0
+    assert (tmp_path / "out" / "token_stats.png").stat().st_size > 1000
+    assert "1 samples could not be read" in capsys.readouterr().out
+    assert (
+        main(["tokens", str(tmp_path / "d.json"), "--preset", "tiny", "--set", "max_pixels=1"]) == 2
+    )

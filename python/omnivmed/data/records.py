@@ -38,11 +38,18 @@ class RecordError(ValueError):
     pass
 
 
+_MEDIA_KEYS = ("images", "image", "videos", "video", "volumes", "volume")
+
+
 @dataclass
 class Record:
+    """One sample. `meta` keeps the record's other fields (dataset, split, modality,
+    answer, ...) for evaluation and statistics."""
+
     id: str
     conversations: list[dict[str, Any]]
     media: list[tuple[VisualKind, Path, dict[str, Any]]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 _MEDIA_OPTIONS = ("start", "end", "ct_window", "intensity")
@@ -139,7 +146,8 @@ def parse_record(
         path, options = by_kind[kind][used[kind]]
         used[kind] += 1
         media.append((kind, path, options))
-    return Record(sample_id, convs, media)
+    meta = {k: v for k, v in raw.items() if k not in ("id", "conversations", *_MEDIA_KEYS)}
+    return Record(sample_id, convs, media, meta)
 
 
 def load_records(
