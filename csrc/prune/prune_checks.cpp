@@ -20,6 +20,9 @@ int check_l1_prune_args(const at::Tensor& patches, const at::Tensor& cu_frames, 
                        dtype == at::kByte,
                    "l1_prune: patches must be float32, float16, bfloat16 or uint8, got ", dtype);
   TORCH_CHECK_VALUE(patches.size(2) >= 1, "l1_prune: patches have no values (P = 0)");
+  // The CPU kernel sums a patch's uint8 differences in int32 lanes.
+  TORCH_CHECK_VALUE(patches.size(2) < (int64_t{1} << 23),
+                    "l1_prune: at most 8388607 values per patch, got P = ", patches.size(2));
   TORCH_CHECK_VALUE(cu_frames.dim() == 1 && cu_frames.numel() >= 2,
                     "l1_prune: cu_frames must be 1-D with B+1 >= 2 offsets, got shape ",
                     cu_frames.sizes());
