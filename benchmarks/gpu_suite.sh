@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build, test, sanitize and benchmark on a CUDA machine, in one go. Logs and benchmark
 # JSON go to $OUT (default ./gpu_out).
-# Usage: bash benchmarks/gpu_suite.sh [env|build|test|sanitize|bench|memory]...
+# Usage: bash benchmarks/gpu_suite.sh [env|deps|build|test|sanitize|bench|memory]...
+# `deps` installs, offline, what the machine lacks from gpu_wheels/ (made beforehand by
+# scripts/fetch_gpu_wheels.sh on a machine with registry access; carry it with the tree).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -17,6 +19,16 @@ for step in "${steps[@]}"; do
     env)
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$OUT/env.txt"
       $PY -c "import torch,sys;print(sys.version);print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/env.txt"
+      ;;
+    deps)
+      [ -d gpu_wheels ] || { echo "gpu_wheels/ is missing: run scripts/fetch_gpu_wheels.sh where PyPI is reachable and carry gpu_wheels/"; exit 1; }
+      # DeepSpeed as a pure-Python wheel: its ops JIT-compile when first used, if ever.
+      DS_BUILD_OPS=0 $PY -m pip install --no-index --find-links gpu_wheels nibabel pydicom decord \
+        gpu_wheels/deepspeed-*-py3-none-any.whl >"$OUT/deps.log" 2>&1 \
+        || { echo "offline install failed"; tail -20 "$OUT/deps.log"; exit 1; }
+      $PY -c "import deepspeed, nibabel, pydicom, decord; print('deps:', deepspeed.__version__, nibabel.__version__, pydicom.__version__, decord.__version__)" 2>&1 \
+        | tee -a "$OUT/deps.log" | tail -1
+      [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
       ;;
     build)
       # Use the system compiler: a wrapper compiler that links its own copy of libstdc++
@@ -43,7 +55,7 @@ for step in "${steps[@]}"; do
       done
       ;;
     bench)
-      for b in ${BENCHES:-bench_rope bench_rope_attention}; do
+      for b in ${BENCHES:-bench_rope bench_rope_attention bench_l1_prune}; do
         $PY benchmarks/$b.py --device cuda 2>&1 | tee "$OUT/$b.log" | tail -20
       done
       cp benchmarks/results/*.json "$OUT/" 2>/dev/null
