@@ -118,3 +118,15 @@ def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -
     print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
     for c in cells:
         print("  ".join(v.rjust(w) for v, w in zip(c, widths, strict=True)))
+
+
+def mni_template_path() -> Path:
+    """The MNI152 T1 template: nilearn's copy, or the one inside the demo data carried to
+    a GPU machine without nilearn (gpu_wheels/demo_data, see scripts/fetch_gpu_wheels.sh)."""
+    try:
+        import nilearn.datasets
+
+        return (Path(nilearn.datasets.__file__).parent / "data"
+                / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")  # fmt: skip
+    except ImportError:
+        return Path(__file__).resolve().parent.parent / "gpu_wheels/demo_data/media/mni_t1.nii.gz"

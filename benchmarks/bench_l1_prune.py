@@ -24,7 +24,7 @@ import argparse
 import warnings
 
 import torch
-from _timing import print_table, time_call, write_results
+from _timing import mni_template_path, print_table, time_call, write_results
 
 import omnivmed_ext
 from omnivmed_ext.reference import l1_prune_reference
@@ -54,16 +54,11 @@ def clip_like(items: int, frames: int, grid: int, values: int, dtype: str, devic
 def mni_slices(device) -> tuple[torch.Tensor, tuple[int, int]]:
     """The MNI152 template's 32 slices at the presets' 448x448 budget, as the processor
     prepares them (SigLIP-normalised, 14x14 patches)."""
-    from pathlib import Path
-
-    import nilearn.datasets
-
     from omnivmed.models import VisualKind, build_preset
     from omnivmed.processing import patchify
     from omnivmed.processing.processor import Media, OmniVMedProcessor, ProcessorOptions
 
-    path = (Path(nilearn.datasets.__file__).parent / "data"
-            / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")  # fmt: skip
+    path = mni_template_path()
     with torch.device("meta"):
         model, tokenizer = build_preset("omnivmed-1.5b-shape")
     processor = OmniVMedProcessor(model.config, tokenizer, ProcessorOptions(max_slices=32))
@@ -156,7 +151,7 @@ def bench(name, patches, cu, grid, dtype, device, args) -> dict:
     return row
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -203,6 +198,7 @@ def main(argv=None) -> None:
             "floor": "Tensor.copy_ of (input bytes + kept bytes) / 2: read input once, write kept values once",
         }})  # fmt: skip
         print(f"wrote {path}")
+    return rows
 
 
 if __name__ == "__main__":

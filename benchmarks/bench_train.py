@@ -31,9 +31,10 @@ from omnivmed.training.config import load_stage_config
 from omnivmed.training.trainer import train_stage
 
 
-def run(data: Path, out: Path, prune: bool, steps: int, **overrides) -> dict:
+def run(data: Path, out: Path, prune: bool, steps: int, media=None, **overrides) -> dict:
+    """Stage 3 for `steps` steps on `data` (the demo's media settings unless `media`)."""
     settings = {"init": "preset:tiny", **overrides}
-    media = DEMO_MEDIA_SETTINGS[3].replace(prune=prune)
+    media = (media or DEMO_MEDIA_SETTINGS[3]).replace(prune=prune)
     cfg = load_stage_config(packaged_config("stage3"), data=str(data), output_dir=str(out), name="stage3",
                             media=media, max_steps=steps, save_every=10**9, **settings)  # fmt: skip
     if torch.cuda.is_available():
@@ -57,13 +58,21 @@ def run(data: Path, out: Path, prune: bool, steps: int, **overrides) -> dict:
     return row
 
 
-def memory(preset: str, steps: int, data: Path, tmp: Path) -> list[dict]:
+def memory(
+    preset: str, steps: int, data: Path, tmp: Path, media=None, offload: bool = False
+) -> list[dict]:
+    """Peak memory of stage 3 with gradient checkpointing on and off (and, with
+    `offload`, the optimizer offloaded to the CPU with checkpointing on)."""
     rows = []
-    for checkpointing in (True, False):
-        row = run(data, tmp / f"mem{checkpointing}", True, steps, init=f"preset:{preset}",
-                  gradient_checkpointing=checkpointing, zero_stage=2)  # fmt: skip
-        rows.append({"preset": preset, "gradient_checkpointing": checkpointing, **row})
-        torch.cuda.empty_cache()
+    variants = [(True, False), (False, False)] + ([(True, True)] if offload else [])
+    for checkpointing, to_cpu in variants:
+        row = run(data, tmp / f"mem{checkpointing}{to_cpu}", True, steps, media, init=f"preset:{preset}",
+                  gradient_checkpointing=checkpointing, zero_stage=2, offload=to_cpu)  # fmt: skip
+        rows.append(
+            {"preset": preset, "gradient_checkpointing": checkpointing, "offload": to_cpu, **row}
+        )
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return rows
 
 

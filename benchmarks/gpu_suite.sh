@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, test, sanitize and benchmark on a CUDA machine, in one go. Logs and benchmark
 # JSON go to $OUT (default ./gpu_out).
-# Usage: bash benchmarks/gpu_suite.sh [env|deps|build|test|sanitize|bench|memory]...
+# Usage: bash benchmarks/gpu_suite.sh [env|deps|build|test|sanitize|bench|memory|e2e]...
 # `deps` installs, offline, what the machine lacks from gpu_wheels/ (made beforehand by
 # scripts/fetch_gpu_wheels.sh on a machine with registry access; carry it with the tree).
 set -uo pipefail
@@ -64,6 +64,12 @@ for step in "${steps[@]}"; do
       # Peak memory per GPU of the 1.5B architecture (random weights), stage 3, ZeRO-2.
       $PY benchmarks/bench_train.py --memory omnivmed-1.5b-shape 2>&1 | tee "$OUT/train_memory.log" | tail -8
       cp benchmarks/results/train_memory_*.json "$OUT/" 2>/dev/null
+      ;;
+    e2e)
+      # The whole stack at the 1.5B shape in bf16: tower, training with and without
+      # pruning, memory, l1_prune, inference latency; summary table last (about 8 min).
+      $PY benchmarks/bench_e2e.py --out "$OUT/e2e" 2>&1 | tee "$OUT/e2e.log" | tail -30
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
