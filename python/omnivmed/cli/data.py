@@ -47,6 +47,8 @@ def _model_config(args):
     if args.model:
         from transformers import AutoTokenizer
 
+        if not (Path(args.model) / "config.json").is_file():
+            raise FileNotFoundError(f"{args.model}: no saved model here (config.json missing)")
         from ..models import OmniVMedConfig
 
         return OmniVMedConfig.from_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return tokens(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad settings, data or model folders
         print(f"omnivmed-data: {exc}", file=sys.stderr)
         return 2
 
