@@ -333,3 +333,21 @@ def test_train_config_values_are_checked_before_training(tmp_path, yaml_text, ex
     proc = _cli("omnivmed.cli.train", "--config", str(config), *extra)
     _assert_one_line_error(proc, message)
     assert not (tmp_path / "out").exists()
+
+
+def test_reading_has_a_time_bound(tmp_path):
+    """Between frames, slices and files the readers check `max_read_seconds`."""
+    from PIL import Image
+
+    folder = _dicom_folder(tmp_path / "slow", ["1.2.3.1"] * 4)
+    with pytest.raises(MediaError, match=r"reading took longer than max_read_seconds = 1e-09 s"):
+        read_volume(folder, max_seconds=1e-9)
+    assert read_volume(folder, max_seconds=60).data.shape[0] == 4
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((8, 8, 3), k, np.uint8)).save(frames / f"{k}.png")
+    with pytest.raises(MediaError, match="max_read_seconds"):
+        read_video(frames, max_seconds=1e-9)
+    with pytest.raises(ValueError, match="max_read_seconds = 0: must be a positive"):
+        ProcessorOptions(max_read_seconds=0)

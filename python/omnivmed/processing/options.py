@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .readers import DEFAULT_MAX_BYTES
+from .readers import DEFAULT_MAX_BYTES, DEFAULT_MAX_SECONDS
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 INTENSITY_MODES = ("auto", "ct_window", "percentile", "none")
@@ -36,6 +36,9 @@ class ProcessorOptions:
     0.05 on a [0, 1] scale, about 13 grey levels of 255) to the same patch of the
     previous frame ("previous") or of the last frame where that patch was kept
     ("last_kept").
+
+    Bounds on reading one file: `max_bytes` (its data as float32, checked from the header
+    before decoding) and `max_read_seconds` (checked between frames, slices and files).
 
     Intensity (`intensity`, per dataset here and per record in its media entry): "auto"
     windows CT (`ct_window`, default mediastinum) and percentile-normalises the rest;
@@ -63,6 +66,7 @@ class ProcessorOptions:
     mm_per_t: float = 5.0
     max_sequence_length: int | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
+    max_read_seconds: float | None = DEFAULT_MAX_SECONDS
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
@@ -93,6 +97,10 @@ class ProcessorOptions:
             raise bad("min_pixels", f"must not exceed max_pixels = {self.max_pixels}")
         if self.video_fps is not None and (not number("video_fps") or self.video_fps <= 0):
             raise bad("video_fps", "must be a positive number of frames per second (or None)")
+        if self.max_read_seconds is not None and (
+            not number("max_read_seconds") or self.max_read_seconds <= 0
+        ):
+            raise bad("max_read_seconds", "must be a positive number of seconds (or None)")
         for name in ("seconds_per_t", "mm_per_t"):
             if not number(name) or getattr(self, name) <= 0:
                 raise bad(name, "must be a positive number")

@@ -77,6 +77,7 @@ class OmniVMedProcessor:
             video = read_video(
                 media.path, sample_fps=None if o.video_frames else o.video_fps, num_frames=o.video_frames,
                 start=extra.get("start"), end=extra.get("end"), max_frames=o.max_video_frames, max_bytes=o.max_bytes,
+                max_seconds=o.max_read_seconds,
             )  # fmt: skip
             frames01, source = video.frames, video.source
             if o.true_positions:
@@ -88,7 +89,7 @@ class OmniVMedProcessor:
                 t_values = self._positions(np.asarray(video.timestamps), o.seconds_per_t,
                                            "seconds_per_t", source)  # fmt: skip
         else:
-            volume = read_volume(media.path, o.max_bytes)
+            volume = read_volume(media.path, o.max_bytes, o.max_read_seconds)
             keep = uniform_indices(volume.data.shape[0], o.max_slices)
             window = extra.get("ct_window", o.ct_window)
             frames01 = to_unit_range(

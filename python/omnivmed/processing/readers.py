@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,22 @@ import numpy as np
 from .errors import MediaError
 
 DEFAULT_MAX_BYTES = 2 << 30  # refuse volumes/videos whose float32 data would exceed 2 GiB
+DEFAULT_MAX_SECONDS = 300.0  # a file that takes longer to read is an error
+
+
+class Deadline:
+    """A time bound on reading one medium, checked between frames, slices and files (a
+    single decode call is bounded by the file's size, which is checked first)."""
+
+    def __init__(self, path: object, seconds: float | None) -> None:
+        self.path, self.seconds = path, seconds
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def check(self) -> None:
+        if self.end is not None and time.monotonic() > self.end:
+            raise MediaError(
+                self.path, f"reading took longer than max_read_seconds = {self.seconds:g} s"
+            )
 
 
 @dataclass
@@ -122,14 +139,18 @@ def read_image(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarr
 
 
 # ---- volumes ----------------------------------------------------------------------------
-def read_volume(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
+def read_volume(
+    path: str | Path,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
+) -> Volume:
     """A NIfTI file, a DICOM series folder (or one .dcm file), or a .npy/.npz array."""
     path = Path(path)
     if not path.is_dir():
         _require_file(path)
     name = path.name.lower()
     if path.is_dir() or name.endswith(".dcm"):
-        return read_dicom_series(path, max_bytes)
+        return read_dicom_series(path, max_bytes, Deadline(path, max_seconds))
     if name.endswith((".nii", ".nii.gz")):
         return read_nifti(path, max_bytes)
     if name.endswith((".npy", ".npz")):
@@ -168,14 +189,18 @@ def read_nifti(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
     return Volume(slices, "unknown", spacing, str(path), positions)
 
 
-def read_dicom_series(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
+def read_dicom_series(
+    path: Path, max_bytes: int = DEFAULT_MAX_BYTES, deadline: Deadline | None = None
+) -> Volume:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     # is_file() is false for pipes, sockets and devices, which are never opened.
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     headers = []
+    deadline = deadline or Deadline(path, None)
     for f in files:
+        deadline.check()
         try:
             headers.append((f, pydicom.dcmread(str(f), stop_before_pixels=True)))
         except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
@@ -220,6 +245,7 @@ def read_dicom_series(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Volume:
     positions = np.asarray([order(item) for item in headers], dtype=np.float64)
     slices = []
     for f, _ in headers:
+        deadline.check()
         try:
             ds = pydicom.dcmread(str(f))
             pixels = ds.pixel_array.astype(np.float32)
@@ -341,11 +367,13 @@ def read_video(
     end: float | None = None,
     max_frames: int | None = 64,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
 ) -> Video:
     """A video file (decord), or a folder / list of frame images (sorted by name)."""
     if isinstance(path, (list, tuple)) or Path(path).is_dir():
         return _read_frame_images(path, sample_fps=sample_fps, num_frames=num_frames, start=start, end=end,
-                                  max_frames=max_frames, max_bytes=max_bytes)  # fmt: skip
+                                  max_frames=max_frames, max_bytes=max_bytes,
+                                  deadline=Deadline(path, max_seconds))  # fmt: skip
     path = Path(path)
     _require_file(path)
     if path.stat().st_size == 0:
@@ -369,7 +397,13 @@ def read_video(
     height, width = reader[0].shape[:2]
     _check_size(path, (len(idx), height, width, 3), max_bytes)
     try:
-        frames = reader.get_batch(idx).asnumpy().astype(np.float32) / 255.0
+        deadline, chunks = Deadline(path, max_seconds), []
+        for start_at in range(0, len(idx), 8):  # in chunks, so the time bound can act
+            deadline.check()
+            chunks.append(reader.get_batch(idx[start_at : start_at + 8]).asnumpy())
+        frames = np.concatenate(chunks).astype(np.float32) / 255.0
+    except MediaError:
+        raise
     except Exception as exc:
         raise MediaError(path, f"cannot decode frames ({exc})") from exc
     return Video(frames, [i / fps for i in idx], str(path))
@@ -377,7 +411,7 @@ def read_video(
 
 def _read_frame_images(
     path, sample_fps=None, num_frames=None, start=None, end=None, max_frames=None,
-    max_bytes=DEFAULT_MAX_BYTES,
+    max_bytes=DEFAULT_MAX_BYTES, deadline=None,
 ) -> Video:  # fmt: skip
     """Frame images, taken as one frame per second (start/end in seconds = frame numbers)."""
     if isinstance(path, (list, tuple)):
@@ -395,7 +429,9 @@ def _read_frame_images(
     except ValueError as exc:
         raise MediaError(path, str(exc)) from exc
     frames = []
+    deadline = deadline or Deadline(path, None)
     for i in idx:
+        deadline.check()
         img = read_image(files[i], max_bytes)
         frames.append(np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img)
     if len({f.shape for f in frames}) != 1:
