@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.kinds import VisualKind
+from ..processing.intensity import INTENSITY_MODES
 
 _KIND_KEYS = {"images": VisualKind.IMAGE, "image": VisualKind.IMAGE, "videos": VisualKind.VIDEO,
               "video": VisualKind.VIDEO, "volumes": VisualKind.VOLUME, "volume": VisualKind.VOLUME}  # fmt: skip
@@ -53,7 +54,6 @@ class Record:
 
 
 _MEDIA_OPTIONS = ("start", "end", "ct_window", "intensity")
-_INTENSITY_MODES = ("auto", "ct_window", "percentile", "none")
 
 
 def _check_media_options(options: dict[str, Any], sample_id: str) -> None:
@@ -70,9 +70,9 @@ def _check_media_options(options: dict[str, Any], sample_id: str) -> None:
             isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
         ):
             raise RecordError(f"sample {sample_id!r}: {key} must be seconds >= 0, got {v!r}")
-    if options.get("intensity", "auto") not in _INTENSITY_MODES:
+    if options.get("intensity", "auto") not in INTENSITY_MODES:
         raise RecordError(
-            f"sample {sample_id!r}: intensity must be one of {list(_INTENSITY_MODES)}, "
+            f"sample {sample_id!r}: intensity must be one of {list(INTENSITY_MODES)}, "
             f"got {options['intensity']!r}"
         )
     window = options.get("ct_window")

@@ -58,8 +58,7 @@ class OmniVMedPreTrainedModel(PreTrainedModel):
 class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin):
     def __init__(self, config: OmniVMedConfig) -> None:
         super().__init__(config)
-        parts = ModelParts.of(config)
-        parts.check(config)
+        parts = ModelParts.of(config)  # checked when the config was built
         self.vision_tower: VisionEncoder = parts.encoder(config.vision_config)
         self.connector = parts.connector(config)
         # The strategy lives under the name it declares (its state-dict prefix, and the

@@ -10,7 +10,6 @@ package).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -255,10 +254,3 @@ def trainable_module_names() -> list[str]:
         if strategy.module_name not in names:
             names.append(strategy.module_name)
     return names
-
-
-def iter_part_classes() -> Iterator[tuple[str, str, type]]:
-    """(registry kind, name, class) of every registered part, for listings."""
-    for registry in (ENCODERS, CONNECTORS, VOLUME_STRATEGIES):
-        for name, part in registry.items():
-            yield registry.kind, name, part

@@ -16,6 +16,8 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
     "brain": (40.0, 80.0),
 }
 DEFAULT_CT_WINDOW = "mediastinum"
+# How volume intensities reach [0, 1] (see `to_unit_range`).
+INTENSITY_MODES = ("auto", "ct_window", "percentile", "none")
 
 
 def window_ct(hu: np.ndarray, window: str | tuple[float, float] = DEFAULT_CT_WINDOW) -> np.ndarray:
@@ -75,7 +77,7 @@ def to_unit_range(data: np.ndarray, modality: str, mode: str = "auto",
                 "use 'auto', 'ct_window' or 'percentile'"
             )  # fmt: skip
         return data.astype(np.float32, copy=False)
-    raise ValueError(f"unknown intensity mode {mode!r}; known: auto, ct_window, percentile, none")
+    raise ValueError(f"unknown intensity mode {mode!r}; known: {', '.join(INTENSITY_MODES)}")
 
 
 def to_encoder_input(

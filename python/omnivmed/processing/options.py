@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .intensity import INTENSITY_MODES
 from .readers import DEFAULT_MAX_BYTES, DEFAULT_MAX_SECONDS
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
-INTENSITY_MODES = ("auto", "ct_window", "percentile", "none")
 PRUNE_MODES = ("previous", "last_kept")  # l1_prune's modes
 
 

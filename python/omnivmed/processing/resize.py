@@ -84,13 +84,3 @@ def uniform_indices(total: int, budget: int) -> list[int]:
     if total <= budget:
         return list(range(total))
     return np.linspace(0, total - 1, budget).round().astype(int).tolist()
-
-
-def frames_within_token_cap(num_frames: int, tokens_per_frame: int, cap: int) -> int:
-    """How many frames (or slices) fit a visual-token cap; at least one frame must fit."""
-    if tokens_per_frame > cap:
-        raise ValueError(
-            f"one frame alone gives {tokens_per_frame} visual tokens, over the cap of {cap}; "
-            "lower max_pixels or raise the cap"
-        )
-    return min(num_frames, cap // tokens_per_frame)

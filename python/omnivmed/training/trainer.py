@@ -71,14 +71,14 @@ def start_fresh(out_dir: Path, rank: int) -> None:
     barrier()
 
 
-def _all_ranks_have_data(has_data: bool) -> bool:
+def _all_ranks_agree(flag: bool) -> bool:
     """True only when every rank's flag is true (one all-reduce)."""
-    flag = torch.tensor([1 if has_data else 0], dtype=torch.int32)
+    vote = torch.tensor([1 if flag else 0], dtype=torch.int32)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         if torch.cuda.is_available():
-            flag = flag.cuda()
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
+            vote = vote.cuda()
+        torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MIN)
+    return bool(vote.item())
 
 
 def apply_lora(model, cfg: StageConfig) -> None:
@@ -250,7 +250,7 @@ def _locked_output(out_dir: Path, rank: int):
                 stack.enter_context(OutputLock(out_dir))
             except CheckpointError as exc:
                 error = exc
-        if not _all_ranks_have_data(error is None):
+        if not _all_ranks_agree(error is None):
             raise error or CheckpointError(
                 f"{out_dir} is in use by another run (rank 0 could not lock it)"
             )
@@ -271,15 +271,14 @@ def train_stage(
     an error unless its key is in `allow_changed`).
     `stop_after_steps`: return early after that many optimizer steps of this run (for
     tests and time-boxed jobs; the last checkpoint stays usable)."""
-    rank, _ = init_distributed()
+    rank, world = init_distributed()
     with _locked_output(Path(cfg.output_dir), rank):
-        return _train_stage(cfg, resume, stop_after_steps, allow_changed)
+        return _train_stage(cfg, resume, stop_after_steps, allow_changed, rank, world)
 
 
-def _train_stage(cfg, resume, stop_after_steps, allow_changed) -> Path:
+def _train_stage(cfg, resume, stop_after_steps, allow_changed, rank, world) -> Path:
     import deepspeed
 
-    rank, world = init_distributed()
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
     model, tokenizer = load_initial_model(cfg)
@@ -338,7 +337,7 @@ def _train_stage(cfg, resume, stop_after_steps, allow_changed) -> Path:
             batch = collate([dataset[i] for i in indices])
             window_skipped += batch.pop("num_skipped")
             kept_ids = batch.pop("ids")
-            if not _all_ranks_have_data("input_ids" in batch):
+            if not _all_ranks_agree("input_ids" in batch):
                 # Every rank skips this micro-batch together, so they stay in lockstep; what
                 # this rank held is counted as skipped, never dropped silently.
                 window_skipped += len(kept_ids)
@@ -351,7 +350,7 @@ def _train_stage(cfg, resume, stop_after_steps, allow_changed) -> Path:
             )
             batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             loss = engine(**batch, use_cache=False).loss
-            if not _all_ranks_have_data(bool(torch.isfinite(loss.detach()))):
+            if not _all_ranks_agree(bool(torch.isfinite(loss.detach()))):
                 raise FloatingPointError(
                     f"stage {cfg.name!r}: the loss is not finite at step {step + 1} (samples "
                     f"{kept_ids} on rank {rank}, or on another rank); stopping before the update. "
