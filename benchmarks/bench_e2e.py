@@ -24,6 +24,7 @@ with the tiny preset and small budgets, in about two minutes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -61,25 +62,47 @@ def bench_tower(cfg: dict, out: Path) -> dict:
     media = cfg["media"].replace(max_slices=cfg["tower_slices"])
     processor = OmniVMedProcessor(shape_model.config, tok, media)
     item = processor.load(Media(VisualKind.VOLUME, mni_template_path()))
+    import omnivmed_ext
+
+    # On a GPU both CUDA backends of rope_attention are timed; the CPU has one path.
+    backends = omnivmed_ext.attention.CUDA_BACKENDS if cfg["device"].type == "cuda" else (None,)
     row = {}
-    for prune in (False, True):
-        batch = pack_visual_items([item], shape_model.config, media, prune=prune)
-        x = batch.pixel_values.to(cfg["device"], cfg["dtype"])
-        pos = batch.visual_positions.to(cfg["device"])
-        cu = batch.visual_cu_seqlens.to(cfg["device"])
+    for backend in backends:
+        for prune in (False, True):
+            batch = pack_visual_items([item], shape_model.config, media, prune=prune)
+            x = batch.pixel_values.to(cfg["device"], cfg["dtype"])
+            pos = batch.visual_positions.to(cfg["device"])
+            cu = batch.visual_cu_seqlens.to(cfg["device"])
 
-        def step(_, x=x, pos=pos, cu=cu):
-            tower.zero_grad(set_to_none=True)
-            tower(x, pos, cu).float().square().mean().backward()
+            def step(_, x=x, pos=pos, cu=cu):
+                tower.zero_grad(set_to_none=True)
+                tower(x, pos, cu).float().square().mean().backward()
 
-        timing = time_call(
-            step, cfg["device"], warmup=2, iters=5 if cfg["device"].type == "cpu" else 10
-        )
-        key = "pruned" if prune else "unpruned"
-        row[f"{key}_tokens"] = int(x.shape[0])
-        row[f"{key}_ms"] = timing["median_ms"]
+            chosen = (
+                omnivmed_ext.attention.use_cuda_backend(backend)
+                if backend
+                else contextlib.nullcontext()
+            )
+            with chosen:
+                timing = time_call(
+                    step, cfg["device"], warmup=2, iters=5 if cfg["device"].type == "cpu" else 10
+                )
+            key = ("pruned" if prune else "unpruned") + (f"_{backend}" if backend else "")
+            row[f"{key}_tokens"] = int(x.shape[0])
+            row[f"{key}_ms"] = timing["median_ms"]
+            row[f"{key}_tokens_per_s"] = x.shape[0] / timing["median_ms"] * 1e3
+    # The headline ratio uses the package's default backend.
+    default = f"_{omnivmed_ext.attention.cuda_backend()}" if backends[0] else ""
+    for key in ("tokens", "ms"):
+        for kind in ("pruned", "unpruned"):
+            row[f"{kind}_{key}"] = row[f"{kind}{default}_{key}"]
     row["time_ratio"] = row["pruned_ms"] / row["unpruned_ms"]
     row["token_ratio"] = row["pruned_tokens"] / row["unpruned_tokens"]
+    if backends[0]:
+        for kind in ("pruned", "unpruned"):
+            row[f"{kind}_fused_vs_composite"] = (
+                row[f"{kind}_composite_ms"] / row[f"{kind}_fused_ms"]
+            )
     return row
 
 
@@ -252,6 +275,11 @@ def print_summary(results: dict) -> None:
     if "time_ratio" in tower:
         lines.append(("tower fwd+bwd, pruned / unpruned time", f"{tower['time_ratio']:.2f} "
                       f"({tower['pruned_tokens']} vs {tower['unpruned_tokens']} tokens)", "<= 0.5"))  # fmt: skip
+    for kind in ("pruned", "unpruned"):
+        if f"{kind}_fused_vs_composite" in tower:
+            lines.append((f"tower fwd+bwd {kind}, fused speed-up over composite",
+                          f"{tower[f'{kind}_fused_vs_composite']:.2f}x "
+                          f"({tower[f'{kind}_fused_ms']:.1f} vs {tower[f'{kind}_composite_ms']:.1f} ms)", ""))  # fmt: skip
     train = results.get("train", {})
     if "speedup_volumes_videos" in train:
         lines.append(

@@ -1,8 +1,17 @@
-"""rope_attention against B0 = HF Qwen2-VL-style eager rotary (cos/sin tables,
-rotate_half) + SDPA per item, and B1 = our rope_nd + the best varlen attention available
-here (flash-attn's varlen kernel if installed, else SDPA per item). Forward and
-forward+backward, TFLOP/s counted with the true head dim. On a GPU both CUDA backends of
-rope_attention are timed: "fused" (the one-kernel forward and backward) and "composite".
+"""rope_attention against two baselines measured in the same run:
+
+* B0: HF Qwen2-VL-style eager rotary (cos/sin tables, rotate_half) + SDPA per item;
+* B1: our rope_nd + the best varlen attention available: flash-attn's
+  `flash_attn_varlen_func` if installed, else torch's own flash-attention varlen kernel
+  (`torch.nn.attention.varlen.varlen_attn`), else SDPA per item. The JSON names which.
+
+Forward and forward+backward in bf16 (fp32 on the CPU). FLOPs are counted as
+4 * L_i^2 * D * H per item for the forward and 2.5x that for forward+backward
+(`*_fwdbwd_tflops`; `*_fwdbwd_tflops_fa` uses flash-attention's 3.5x). On a GPU both
+CUDA backends of rope_attention are timed: "fused" (one-kernel forward and backward) and
+"composite". The shapes are the ones the so400m vision tower sees (16 heads, head dim 72):
+64 images of 729 tokens, 4 volumes of 32 x 256 tokens pruned to ~30%, one 32-frame clip
+of 1,024 tokens per frame attended jointly, and head dims 64/72/80/128 at 8,192 tokens.
 
     python benchmarks/bench_rope_attention.py --device cuda
     python benchmarks/bench_rope_attention.py            # CPU: small sizes
@@ -23,6 +32,20 @@ try:  # B1 uses flash-attn's varlen kernel when the environment has it
     from flash_attn import flash_attn_varlen_func
 except ImportError:
     flash_attn_varlen_func = None
+try:  # else torch's built-in flash-attention varlen kernel
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+
+def b1_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """Which attention B1 uses on this device and dtype."""
+    if device.type == "cuda" and dtype != torch.float32:
+        if flash_attn_varlen_func is not None:
+            return "flash_attn.flash_attn_varlen_func"
+        if varlen_attn is not None:
+            return "torch.nn.attention.varlen.varlen_attn"
+    return "sdpa per item"
 
 
 def sections_for(d: int) -> list[int]:
@@ -65,8 +88,11 @@ def b0(q, k, v, pos, cu, max_len, sections):
 def b1(q, k, v, pos, cu, max_len, sections):
     rq = omnivmed_ext.rope_nd(q, pos, sections)
     rk = omnivmed_ext.rope_nd(k, pos, sections)
-    if flash_attn_varlen_func is not None and q.is_cuda and q.dtype != torch.float32:
+    kernel = b1_kernel(q.device, q.dtype)
+    if kernel.startswith("flash_attn"):
         return flash_attn_varlen_func(rq, rk, v, cu, cu, max_len, max_len)
+    if kernel.startswith("torch"):
+        return varlen_attn(rq, rk, v, cu, cu, max_len, max_len)
     return per_item_sdpa(rq, rk, v, cu.tolist())
 
 
@@ -80,8 +106,26 @@ def ours(backend):
     return run
 
 
-def bench(device, dtype, item_len, total, heads, d, args) -> dict:
-    items = max(1, total // item_len)
+# (name, items, tokens per item, heads, head dim) as the vision tower sees them.
+GPU_SHAPES = [
+    ("images 64x729", 64, 729, 16, 72),
+    ("volumes 4x32x256 pruned 30%", 4, 2458, 16, 72),
+    ("clip 32x1024 joint", 1, 32768, 16, 72),
+    ("long D64", 4, 8192, 16, 64),
+    ("long D72", 4, 8192, 16, 72),
+    ("long D80", 4, 8192, 16, 80),
+    ("long D128", 4, 8192, 16, 128),
+]
+CPU_SHAPES = [
+    ("short D64", 8, 97, 4, 64),
+    ("short D72", 8, 97, 4, 72),
+    ("long D80", 2, 1025, 4, 80),
+    ("long D128", 2, 1025, 4, 128),
+]
+
+
+def bench(device, dtype, shape, args) -> dict:
+    label, items, item_len, heads, d = shape
     lengths = [item_len] * items
     cu = omnivmed_ext.cu_seqlens_from_lengths(lengths, device=device)
     length = sum(lengths)
@@ -93,6 +137,7 @@ def bench(device, dtype, item_len, total, heads, d, args) -> dict:
     )
     flops_fwd = 4 * items * item_len * item_len * heads * d
     row = {
+        "shape": label,
         "dtype": str(dtype).split(".")[-1],
         "item_len": item_len,
         "items": items,
@@ -105,23 +150,30 @@ def bench(device, dtype, item_len, total, heads, d, args) -> dict:
     else:
         candidates.append(("ours", ours("composite")))
     for name, fn in candidates:
-        fwd = time_call(lambda i, fn=fn: fn(q, k, v, pos, cu, item_len, sections), device,
-                        warmup=args.warmup, iters=args.iters)["median_ms"]  # fmt: skip
 
         def step(i, fn=fn):
             out = fn(q, k, v, pos, cu, item_len, sections)
             out.backward(torch.ones_like(out))
 
-        both = time_call(step, device, warmup=args.warmup, iters=args.iters)["median_ms"]
+        try:
+            fwd = time_call(lambda i, fn=fn: fn(q, k, v, pos, cu, item_len, sections), device,
+                            warmup=args.warmup, iters=args.iters)["median_ms"]  # fmt: skip
+            both = time_call(step, device, warmup=args.warmup, iters=args.iters)["median_ms"]
+        except Exception as exc:  # one failing candidate must not hide the others
+            row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            print(f"!!! {label} {name}: {row[f'{name}_error']}", flush=True)
+            continue
         row[f"{name}_fwd_ms"], row[f"{name}_fwdbwd_ms"] = fwd, both
         row[f"{name}_fwd_tflops"] = flops_fwd / fwd / 1e9
-        row[f"{name}_fwdbwd_tflops"] = 3.5 * flops_fwd / both / 1e9  # backward ~2.5x forward
+        row[f"{name}_fwdbwd_tflops"] = 2.5 * flops_fwd / both / 1e9
+        row[f"{name}_fwdbwd_tflops_fa"] = 3.5 * flops_fwd / both / 1e9
     for name, _ in candidates[2:]:
         for kind in ("fwd", "fwdbwd"):
             for base in ("B0", "B1"):
-                row[f"{name}_{kind}_vs_{base}"] = (
-                    row[f"{base}_{kind}_ms"] / row[f"{name}_{kind}_ms"]
-                )
+                if f"{base}_{kind}_ms" in row and f"{name}_{kind}_ms" in row:
+                    row[f"{name}_{kind}_vs_{base}"] = (
+                        row[f"{base}_{kind}_ms"] / row[f"{name}_{kind}_ms"]
+                    )
     return row
 
 
@@ -139,21 +191,36 @@ def main(argv=None) -> None:
     args.iters = args.iters or (50 if gpu else 5)
     args.warmup = args.warmup or (10 if gpu else 2)
     dtype = torch.bfloat16 if gpu else torch.float32
-    lengths, total, heads = ((256, 1024, 4096, 16384), 65536, 16) if gpu else ((256, 1024), 2048, 4)
-    rows = [
-        bench(device, dtype, n, total, heads, d, args) for n in lengths for d in (64, 72, 80, 128)
-    ]
+    rows = []
+    for shape in GPU_SHAPES if gpu else CPU_SHAPES:
+        rows.append(bench(device, dtype, shape, args))
+        print(f"{shape[0]}: done", flush=True)
     name = "fused" if gpu else "ours"
-    print_table(rows, [("item_len", "item len", "d"), ("D", "D", "d"), ("B0_fwdbwd_ms", "B0 ms", ".2f"),
+    b1_used = b1_kernel(device, dtype)
+    print(f"B1 attention: {b1_used}")
+    print_table(rows, [("shape", "shape", "s"), ("D", "D", "d"), ("B0_fwdbwd_ms", "B0 ms", ".2f"),
                        ("B1_fwdbwd_ms", "B1 ms", ".2f"), (f"{name}_fwdbwd_ms", f"{name} ms", ".2f"),
                        (f"{name}_fwd_tflops", "fwd TF/s", ".3f"),
                        (f"{name}_fwdbwd_tflops", "f+b TF/s", ".3f"),
                        (f"{name}_fwd_vs_B1", "fwd x B1", ".2f"),
                        (f"{name}_fwdbwd_vs_B0", "f+b x B0", ".2f"),
                        (f"{name}_fwdbwd_vs_B1", "f+b x B1", ".2f")])  # fmt: skip
+    if gpu:
+        print_table(rows, [("shape", "shape", "s"), ("composite_fwdbwd_ms", "composite ms", ".2f"),
+                           ("composite_fwdbwd_vs_B1", "composite f+b x B1", ".2f")])  # fmt: skip
     if not args.no_save:
         print(
-            f"wrote {write_results('rope_attention', device, rows, {'flash_attn': flash_attn_varlen_func is not None})}"
+            "wrote",
+            write_results(
+                "rope_attention",
+                device,
+                rows,
+                {
+                    "B1_attention": b1_used,
+                    "flop_count": "forward 4*L_i^2*D*H per item; forward+backward 2.5x that "
+                    "(_fa columns: 3.5x, flash-attention's convention)",
+                },
+            ),
         )
 
 
