@@ -12,11 +12,14 @@ Ops (schemas in csrc/registration.cpp):
 
 Backends. CPU: `rope_nd`, then PyTorch's flash attention for CPU item by item (it returns
 the log-sum-exp), and its backward with the inverse rotation on dq and dk. CUDA: the fused
-kernels or a composite (`rope_nd` + memory-efficient SDPA per item; backward by
-recomputation), chosen by :func:`set_cuda_backend` or the environment variable
-``OMNIVMED_ROPE_ATTENTION_CUDA`` (``fused`` or ``composite``). The composite is the
-default until the fused kernels' GPU test suite has passed on the hardware in use; float32
-always takes the composite. The composite paths read `cu_seqlens` on the host.
+kernels or a composite (`rope_nd` + memory-efficient SDPA per item; the backward written
+out as chunked matmuls), chosen by :func:`set_cuda_backend` or the environment variable
+``OMNIVMED_ROPE_ATTENTION_CUDA`` (``fused`` or ``composite``); the backward always uses
+the backend its forward used. float32 always takes the composite, which reads
+`cu_seqlens` on the host. The default stays the composite: on an H200 the fused kernels
+pass every CUDA test and compute-sanitizer, but are faster only on many short items
+(the pruned so400m tower: 1.6x) and slower on long ones (the unpruned tower: 0.65x);
+benchmarks/README.md has the numbers.
 """
 
 from __future__ import annotations
@@ -262,27 +265,53 @@ def _backward_cuda(
             grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta,
             softmax_scale,
         )  # fmt: skip
-    # Recompute the forward through differentiable pieces (rope_nd has its own autograd).
-    with torch.enable_grad():
-        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        o = _attend(qq, kk, vv, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale)
-        dq, dk, dv = torch.autograd.grad(o, (qq, kk, vv), grad)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return _backward_composite(
+        grad, q, k, v, out, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
+    )
 
 
-def _attend(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, scale):
-    # rope_nd, then SDPA item by item.
+# Scores held at once by the composite backward: 2**26 float32 values (256 MiB), so a
+# 32,768-token item is done in query chunks instead of one [H, L, L] matrix.
+_COMPOSITE_SCORES = 2**26
+
+
+def _backward_composite(
+    grad, q, k, v, out, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
+):
+    """The attention backward written out as matmuls, item by item and in query chunks,
+    recomputing the probabilities from q and k: matmul operands in the input dtype
+    (tensor cores for fp16/bf16, as flash-attention's backward does), softmax and every
+    sum in float32. No autograd runs inside it, so it behaves the same under any dispatch
+    mode (opcheck, torch.compile, no_grad)."""
     bounds = validate_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     rq, rk = (_rotate(x, positions, sections, theta) for x in (q, k))
-    scale = _scale(q, scale)
-    outs = [
-        F.scaled_dot_product_attention(
-            *(_heads_first(x[a:b]) for x in (rq, rk, v)), scale=scale
-        ).squeeze(0).transpose(0, 1)
-        for a, b in itertools.pairwise(bounds)
-        if b > a
-    ]  # fmt: skip
-    return torch.cat(outs) if outs else torch.zeros_like(q)
+    scale = _scale(q, softmax_scale)
+    dtype = q.dtype
+    dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
+    heads = q.shape[1]
+    for a, b in itertools.pairwise(bounds):
+        if b == a:
+            continue
+        # [H, l, D] views of this item
+        qi, ki, vi, gi = (x[a:b].transpose(0, 1) for x in (rq, rk, v, grad))
+        oi = out[a:b].transpose(0, 1)
+        dk_i, dv_i = dk[a:b].transpose(0, 1), dv[a:b].transpose(0, 1)
+        chunk = max(1, _COMPOSITE_SCORES // (heads * (b - a)))
+        for c in range(0, b - a, chunk):
+            qc, gc, oc = qi[:, c : c + chunk], gi[:, c : c + chunk], oi[:, c : c + chunk]
+            p = torch.softmax((qc @ ki.transpose(1, 2)).float() * scale, dim=-1)  # [H, c, l]
+            dv_i += (p.to(dtype).transpose(1, 2) @ gc).float()
+            dp = (gc @ vi.transpose(1, 2)).float()
+            ds = p * (dp - (gc.float() * oc.float()).sum(-1, keepdim=True))
+            ds_low = ds.to(dtype)
+            dq[a + c : a + c + qc.shape[1]] = ((ds_low @ ki).float() * scale).transpose(0, 1)
+            dk_i += (ds_low.transpose(1, 2) @ qc).float() * scale
+    # dq, dk above are with respect to the rotated q, k: turn them back.
+    return (
+        _rotate(dq, positions, sections, theta, True).to(q.dtype),
+        _rotate(dk, positions, sections, theta, True).to(k.dtype),
+        dv.to(v.dtype),
+    )
 
 
 def _forward_fake(
@@ -305,12 +334,20 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, positions, cu_seqlens)
     ctx.args = (max_seqlen, list(sections), theta, softmax_scale)
+    # The backward uses the fused kernel exactly when the forward did, whatever backend
+    # is selected by the time backward runs.
+    ctx.fused = _use_fused(q)
 
 
 def _backward(ctx, grad, _grad_lse):
     q, k, v, out, lse, positions, cu_seqlens = ctx.saved_tensors
     max_seqlen, sections, theta, scale = ctx.args
-    dq, dk, dv = torch.ops.omnivmed.rope_attention_backward.default(
+    backward = (
+        torch.ops.omnivmed._rope_attention_fused_backward.default
+        if ctx.fused
+        else torch.ops.omnivmed.rope_attention_backward.default
+    )
+    dq, dk, dv = backward(
         grad.contiguous(), q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta,
         scale,
     )  # fmt: skip

@@ -237,6 +237,56 @@ def test_fused_op_rejects_what_it_cannot_run():
         torch.ops.omnivmed._rope_attention_fused_forward(h, h, h, pos, cu, m, [6, 9, 9])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["many items", "1025"])
+def test_composite_backward_against_float64(dtype, layout, monkeypatch):
+    # The composite CUDA backward is plain tensor math, so it runs on the CPU too; a tiny
+    # score budget forces the query-chunk loop.
+    monkeypatch.setattr(omnivmed_ext.attention, "_COMPOSITE_SCORES", 3 * 97)
+    lengths = LAYOUTS[layout]
+    q, k, v, pos, cu, m = make_inputs(lengths, 3, 72, dtype, "cpu")
+    sections = sections_for(72, True)
+    grad = torch.randn_like(q)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = rope_attention_reference(*ref_in, pos, cu, sections)
+    ref.backward(grad.double())
+    low_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    low = rope_attention_reference(*low_in, pos, cu, sections, compute_dtype=dtype)
+    low.backward(grad)
+    got = omnivmed_ext.attention._backward_composite(
+        grad, q, k, v, ref.to(dtype), pos, cu, m, sections, 1e4, None
+    )
+    atol = 1e-5 if dtype == torch.float32 else 1e-3
+    for name, g, want, lp in zip("qkv", got, ref_in, low_in, strict=True):
+        assert g.dtype == dtype
+        assert err(g, want.grad) <= 3 * err(lp.grad, want.grad) + atol, f"d{name}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("forward_backend", ["fused", "composite"])
+def test_backward_follows_the_forward_backend(forward_backend):
+    # Selecting another backend between forward and backward must not mix them: a fused
+    # forward gets the (sync-free) fused backward, a composite one the composite backward.
+    q, k, v, pos, cu, m = make_inputs([300, 41], 2, 64, torch.bfloat16, "cuda")
+    sections = sections_for(64, True)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    with omnivmed_ext.attention.use_cuda_backend(forward_backend):
+        out = omnivmed_ext.rope_attention(*ins, pos, cu, m, sections, check_seqlens=False)
+    other = "composite" if forward_backend == "fused" else "fused"
+    with omnivmed_ext.attention.use_cuda_backend(other):
+        torch.cuda.synchronize()
+        # The composite backward reads the offsets on the host; the fused one never does.
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            if forward_backend == "fused":
+                out.backward(torch.ones_like(out))
+            else:
+                with pytest.raises(RuntimeError, match="synchroniz"):
+                    out.backward(torch.ones_like(out))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def test_cuda_backend_selection():
     assert omnivmed_ext.attention.cuda_backend() in omnivmed_ext.attention.CUDA_BACKENDS
     with pytest.raises(ValueError, match="must be one of"):

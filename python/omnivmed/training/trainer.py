@@ -211,7 +211,7 @@ class MetricsLog:
 
 
 # Settings that change neither the model nor the data a resumed run sees.
-_RESUME_FREE = ("name", "output_dir", "save_every", "keep_last")
+_RESUME_FREE = ("name", "output_dir", "save_every", "keep_last", "checkpoint_at_end")
 
 
 def resume_settings(cfg: StageConfig) -> dict[str, Any]:
@@ -378,7 +378,8 @@ def _train_stage(cfg, resume, stop_after_steps, allow_changed, rank, world) -> P
             seen_samples = []
             elapsed = time.perf_counter() - t0
             record = {"step": step, "loss": float(np.mean(window_loss)), "lr": schedule.get_last_lr()[0],
-                      "tokens_per_s": window_tokens * world / max(elapsed, 1e-9), "skipped": window_skipped}  # fmt: skip
+                      "tokens_per_s": window_tokens * world / max(elapsed, 1e-9), "skipped": window_skipped,
+                      "step_seconds": elapsed}  # fmt: skip
             metrics.write(record)
             bar.set_postfix(
                 loss=f"{record['loss']:.4f}",
@@ -387,7 +388,9 @@ def _train_stage(cfg, resume, stop_after_steps, allow_changed, rank, world) -> P
             )
             bar.update(1)
             window_loss, window_tokens, window_skipped, t0 = [], 0, 0, time.perf_counter()
-            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
+            if (cfg.save_every and step % cfg.save_every == 0) or (
+                step == total_steps and cfg.checkpoint_at_end
+            ):
                 save_checkpoint(engine, ckpt_root, step,
                                 {"step": step, "stage": cfg.name, "sampler": sampler.state_dict(),
                                  "settings": resume_settings(cfg)},
