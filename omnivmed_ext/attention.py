@@ -31,7 +31,6 @@ import os
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ._library import library_loaded, require_library
 from .rope import check_rope_nd_args
