@@ -54,6 +54,38 @@ class Record:
 
 
 _MEDIA_OPTIONS = ("start", "end", "ct_window", "intensity")
+# Evaluation fields (omnivmed-eval, docs/metrics.md): kept in `meta`, checked here.
+EVAL_TEXT_FIELDS = ("answer", "dataset", "split", "modality", "question_type", "language",
+                    "source_id")  # fmt: skip
+ANSWER_TYPES = ("closed", "open")
+
+
+def check_eval_fields(raw: dict[str, Any], sample_id: str) -> None:
+    for name in EVAL_TEXT_FIELDS:
+        if name in raw and not isinstance(raw[name], (str, int, float)):
+            raise RecordError(
+                f"sample {sample_id!r}: field {name!r} must be text, got {raw[name]!r}"
+            )
+    if "answer_type" in raw and raw["answer_type"] not in ANSWER_TYPES:
+        raise RecordError(
+            f"sample {sample_id!r}: field 'answer_type' must be one of {ANSWER_TYPES} (the "
+            f"dataset's own annotation), got {raw['answer_type']!r}"
+        )
+    choices = raw.get("choices")
+    if choices is not None and (
+        not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices)
+    ):
+        raise RecordError(
+            f"sample {sample_id!r}: field 'choices' must be a non-empty list of option texts"
+        )
+    letter = raw.get("answer_choice")
+    if letter is not None:
+        count = len(choices) if isinstance(choices, list) else 26
+        valid = [chr(ord("A") + i) for i in range(count)]
+        if str(letter).strip().strip("().").upper() not in valid:
+            raise RecordError(
+                f"sample {sample_id!r}: field 'answer_choice' must be one of {valid}, got {letter!r}"
+            )
 
 
 def _check_media_options(options: dict[str, Any], sample_id: str) -> None:
@@ -146,6 +178,7 @@ def parse_record(
         path, options = by_kind[kind][used[kind]]
         used[kind] += 1
         media.append((kind, path, options))
+    check_eval_fields(raw, sample_id)
     meta = {k: v for k, v in raw.items() if k not in ("id", "conversations", *_MEDIA_KEYS)}
     return Record(sample_id, convs, media, meta)
 

@@ -1,0 +1,81 @@
+"""omnivmed-eval: answer a benchmark with a saved model (`run`) and score predictions
+against references with a written metric profile (`score`, no model needed).
+
+    omnivmed-eval run MODEL --benchmark REF.jsonl --out DIR [--blank-visual]
+    torchrun --nproc-per-node 8 -m omnivmed.cli.eval run MODEL --benchmark REF.jsonl --out DIR
+    omnivmed-eval score --references REF.jsonl --predictions DIR/predictions.jsonl --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="omnivmed-eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="answer every question of a benchmark")
+    run.add_argument("model", help="a folder exported by omnivmed-train")
+    run.add_argument("--benchmark", required=True, help="JSONL/JSON reference records")
+    run.add_argument("--data-root", help="media paths resolve here (default: the file's folder)")
+    run.add_argument("--out", required=True)
+    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--blank-visual", action="store_true",
+                     help="every pixel black: shows how much answers depend on the image")  # fmt: skip
+    run.add_argument("--device", default="auto")
+    run.add_argument("--limit", type=int, help="only the first N records")
+    run.add_argument("--score", metavar="PROFILE", help="score the predictions afterwards")
+    score = sub.add_parser("score", help="score predictions against references")
+    score.add_argument("--references", required=True)
+    score.add_argument("--predictions", required=True)
+    score.add_argument("--profile", default="strict")
+    score.add_argument("--out", required=True)
+    sub.add_parser("profiles", help="list the scoring profiles")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="omnivmed-eval: %(message)s")
+    from omnivmed.evaluation.profiles import PROFILES, ScoringError, load_profiles
+    from omnivmed.evaluation.scoring import score_files
+
+    try:
+        if args.command == "profiles":
+            load_profiles()
+            for name, cls in sorted(PROFILES.items()):
+                print(
+                    f"{name:<10} version {cls.version}: {(cls.__doc__ or '').strip().splitlines()[0]}"
+                )
+            return 0
+        if args.command == "run":
+            from omnivmed.evaluation.generate import run_benchmark
+
+            if args.max_new_tokens < 1:
+                raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+            predictions = run_benchmark(args.model, args.benchmark, args.out, data_root=args.data_root,
+                                        max_new_tokens=args.max_new_tokens, blank_visual=args.blank_visual,
+                                        device=args.device, limit=args.limit)  # fmt: skip
+            print(f"predictions: {predictions}")
+            if args.score:
+                summary = score_files(
+                    args.benchmark, predictions, args.score, Path(args.out) / "scores"
+                )
+                print(json.dumps(summary["overall"], indent=2))
+            return 0
+        summary = score_files(args.references, args.predictions, args.profile, args.out)
+        print(json.dumps({"overall": summary["overall"], "counts": summary["counts"]}, indent=2))
+        for note in summary["notes"]:
+            print(f"note: {note}")
+        return 0
+    except (ScoringError, FileNotFoundError, ValueError) as exc:
+        print(f"omnivmed-eval: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""Text-overlap metrics for open answers, reports and captions, computed offline.
+
+BLEU-n: nltk's sentence BLEU with uniform weights over 1..n-grams and Chen & Cherry's
+smoothing method 1 (a zero n-gram count becomes epsilon 0.1), so one-word answers do not
+collapse to 0. ROUGE-1/ROUGE-L: rouge-score's F-measure on our tokens (so CJK text is
+scored too). METEOR: nltk's, with WordNet read from a local folder; without WordNet it is
+not computed and the report says why. BERTScore is never downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+
+WORDNET_HELP = (
+    "WordNet was not found: install the OS package (Debian/Ubuntu: apt-get install "
+    "wordnet-base, which fills /usr/share/wordnet) or point OMNIVMED_WORDNET at a folder "
+    "holding WordNet 3.0's dict files (data.noun, index.noun, ...)"
+)
+
+
+def bleu(ref: list[str], pred: list[str], n: int, smooth: bool = True) -> float:
+    import warnings
+
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    if not pred or not ref:
+        return 0.0
+    weights = tuple([1.0 / n] * n)
+    smoothing = SmoothingFunction().method1 if smooth else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unsmoothed BLEU warns on zero n-gram counts
+        return float(sentence_bleu([ref], pred, weights=weights, smoothing_function=smoothing))
+
+
+class _Tokens:
+    # rouge-score's tokenizer interface, fed tokens we already made
+    def tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+
+@cache
+def _rouge():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], tokenizer=_Tokens())
+
+
+def rouge(ref: list[str], pred: list[str]) -> dict[str, float]:
+    if not pred or not ref:
+        return {"rouge1": 0.0, "rouge_l": 0.0}
+    s = _rouge().score(" ".join(ref), " ".join(pred))
+    return {"rouge1": s["rouge1"].fmeasure, "rouge_l": s["rougeL"].fmeasure}
+
+
+def _wordnet_roots() -> list[Path]:
+    roots = [os.environ.get("OMNIVMED_WORDNET", "")]
+    try:
+        import nltk
+
+        roots += [str(Path(p) / "corpora" / "wordnet") for p in nltk.data.path]
+    except ImportError:
+        pass
+    roots.append("/usr/share/wordnet")
+    return [Path(r) for r in roots if r]
+
+
+@cache
+def wordnet():
+    """(WordNet reader, None) or (None, why it is missing)."""
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    for root in _wordnet_roots():
+        if (root / "data.noun").is_file() and (root / "lexnames").is_file():
+            return WordNetCorpusReader(str(root), None), None
+    return None, WORDNET_HELP
+
+
+def meteor(ref: list[str], pred: list[str]) -> float | None:
+    from nltk.translate.meteor_score import meteor_score
+
+    wn, _ = wordnet()
+    if wn is None:
+        return None
+    if not pred or not ref:
+        return 0.0
+    return float(meteor_score([ref], pred, wordnet=wn))

@@ -1,0 +1,168 @@
+"""`omnivmed-eval run`: answer every question of a benchmark with a saved model.
+
+Predictions are appended (and flushed to disk) one by one, so an interrupted run resumes
+where it stopped and never answers an id twice. Under `torchrun` each rank answers its
+shard (every world-size-th record) into its own file and rank 0 merges them, in the
+benchmark's order, into `predictions.jsonl`. `blank_visual` answers the same questions
+with every pixel black (same token layout as the real media), to show how much the
+answers depend on the image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..data.records import Record, load_records
+from ..processing.processor import Media, OmniVMedProcessor
+from ..processing.prompt import expand_markers
+from .profiles import ScoringError
+
+RUN_FILE = "run.json"
+
+
+def _question(record: Record) -> str:
+    for turn in record.conversations:
+        if turn.get("from", turn.get("role")) in ("human", "user"):
+            return turn["value"]
+    raise ScoringError(f"sample {record.id!r}: no human turn holds the question")
+
+
+def _done_ids(path: Path) -> set[str]:
+    """Ids already answered in `path`; a last line cut short by a crash is dropped."""
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        path.write_bytes(complete)
+    ids = set()
+    for line in complete.decode("utf-8").splitlines():
+        if line.strip():
+            ids.add(str(json.loads(line)["id"]))
+    return ids
+
+
+def blank_pixels(pixel_values: torch.Tensor, mean, std) -> torch.Tensor:
+    """Every patch value set to what a black pixel becomes at the encoder's input."""
+    channels = len(mean)
+    per_channel = torch.tensor([(0.0 - m) / s for m, s in zip(mean, std, strict=True)])
+    out = pixel_values.clone().view(pixel_values.shape[0], channels, -1)
+    out[:] = per_channel.to(out.dtype)[None, :, None]
+    return out.view_as(pixel_values)
+
+
+@torch.no_grad()
+def answer_record(model, tokenizer, processor: OmniVMedProcessor, record: Record,
+                  max_new_tokens: int, blank_visual: bool = False) -> dict[str, Any]:  # fmt: skip
+    question = _question(record)
+    device = next(model.parameters()).device
+    visual_inputs, counts, unpruned = {}, [], []
+    if record.media:
+        media = [Media(kind, path, options) for kind, path, options in record.media]
+        visual = processor.encode_media(media, record.id)
+        visual_inputs = visual.model_inputs()
+        if blank_visual:
+            o = processor.options
+            visual_inputs["pixel_values"] = blank_pixels(
+                visual_inputs["pixel_values"], o.image_mean, o.image_std
+            )
+        visual_inputs = {k: v.to(device) for k, v in visual_inputs.items()}
+        counts, unpruned = list(visual.token_counts), list(visual.unpruned_counts)
+    messages = expand_markers([{"role": "user", "content": question}], counts,
+                              model.config.image_token, record.id)  # fmt: skip
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+    processor.check_length(inputs["input_ids"].shape[1], sum(counts), record.id)
+    start = time.perf_counter()
+    out = model.generate(**inputs, **visual_inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return {"id": record.id, "prediction": text.strip(), "visual_tokens": sum(counts),
+            "visual_tokens_unpruned": sum(unpruned), "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return int(os.environ.get("RANK", "0")), world
+
+
+def run_benchmark(model_dir: str | Path, benchmark: str | Path, out_dir: str | Path, *,
+                  data_root: str | Path | None = None, max_new_tokens: int = 32,
+                  blank_visual: bool = False, device: str = "auto", limit: int | None = None,
+                  progress: bool = True) -> Path:  # fmt: skip
+    """Answer every record of `benchmark` (JSONL/JSON instruction records with their
+    media); returns the merged predictions file."""
+    from ..inference import load_for_inference
+
+    rank, world = _distributed()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = load_records(benchmark, data_root)
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ScoringError(f"{benchmark}: duplicate id {dup!r}")
+    if limit is not None:
+        records = records[:limit]
+    if device == "auto" and torch.cuda.is_available() and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    model, tokenizer, options = load_for_inference(model_dir, device=device)
+    processor = OmniVMedProcessor(model.config, tokenizer, options)
+    settings = {"model": str(Path(model_dir).resolve()), "benchmark": str(Path(benchmark).resolve()),
+                "max_new_tokens": max_new_tokens, "decoding": "greedy", "blank_visual": blank_visual,
+                "world_size": world, "media": json.loads(json.dumps(options.__dict__, default=str)),
+                "prompt": "chat template of the model's tokenizer, one user turn holding the "
+                          "record's first human turn, generation prompt added"}  # fmt: skip
+    run_file = out_dir / RUN_FILE
+    if rank == 0:
+        if run_file.is_file():
+            before = json.loads(run_file.read_text())
+            changed = sorted(
+                k for k in settings if k != "world_size" and before.get(k) != settings[k]
+            )
+            if changed:
+                raise ScoringError(
+                    f"{out_dir} holds a run with other settings ({changed}); use another --out"
+                )
+        run_file.write_text(json.dumps(settings, indent=2) + "\n")
+    shard = records[rank::world]
+    part = out_dir / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.partial.jsonl")
+    done = _done_ids(part)
+    todo = [r for r in shard if r.id not in done]
+    with part.open("a", encoding="utf-8") as f:
+        for record in tqdm(todo, desc=f"eval rank {rank}", disable=not progress or rank != 0):
+            row = answer_record(model, tokenizer, processor, record, max_new_tokens, blank_visual)
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    if world > 1:
+        torch.distributed.barrier()
+    final = out_dir / "predictions.jsonl"
+    if rank == 0:
+        parts = (
+            [out_dir / f"predictions.rank{r}.jsonl" for r in range(world)] if world > 1 else [part]
+        )
+        rows = {}
+        for p in parts:
+            for line in p.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    rows[str(row["id"])] = row
+        tmp = final.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for r in records:
+                if r.id in rows:
+                    f.write(json.dumps(rows[r.id], ensure_ascii=False) + "\n")
+        tmp.replace(final)
+    if world > 1:
+        torch.distributed.barrier()
+    return final

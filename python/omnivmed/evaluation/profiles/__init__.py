@@ -1,0 +1,58 @@
+"""Scoring profiles: each file defines one `Profile` subclass that registers itself by
+name. A profile scores one (reference, prediction) pair at a time and may add metrics over
+a whole group (macro averages); docs/metrics.md defines each one with its version."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any, ClassVar
+
+PROFILES: dict[str, type[Profile]] = {}
+
+
+class ScoringError(ValueError):
+    """A reference or prediction that the profile cannot score (names file, line, field)."""
+
+
+class Profile:
+    name: ClassVar[str]
+    version: ClassVar[str]
+    # Reference fields the profile needs on every record.
+    required_fields: ClassVar[tuple[str, ...]] = ("answer",)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            PROFILES[cls.name] = cls
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self.notes: list[str] = []  # said once in the report (e.g. a metric not computed)
+
+    def check_reference(self, ref: dict, where: str) -> None:
+        for name in self.required_fields:
+            if ref.get(name) in (None, ""):
+                raise ScoringError(
+                    f"{where}: field {name!r} is missing; profile {self.name!r} needs it"
+                )
+
+    def score(self, ref: dict, prediction: str) -> tuple[dict[str, Any], dict[str, float]]:
+        """(details for samples.jsonl, {metric: value in [0, 1]}) for one sample."""
+        raise NotImplementedError
+
+    def group_metrics(self, samples: list[dict]) -> dict[str, float]:
+        """Metrics over a group that are not means of per-sample values."""
+        return {}
+
+
+def get_profile(name: str, **options: Any) -> Profile:
+    load_profiles()
+    if name not in PROFILES:
+        raise ScoringError(f"unknown profile {name!r}; known: {sorted(PROFILES)}")
+    return PROFILES[name](**options)
+
+
+def load_profiles() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")

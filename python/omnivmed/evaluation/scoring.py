@@ -1,0 +1,187 @@
+"""`omnivmed-eval score`: join references and predictions by id, score every sample with a
+profile, and write summary.json, samples.jsonl and report.md."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .profiles import Profile, ScoringError, get_profile
+
+logger = logging.getLogger(__name__)
+
+GROUP_FIELDS = ("dataset", "modality", "answer_type", "question_type")
+# The evaluation fields a reference record may carry (data/records.py keeps them too).
+EVAL_FIELDS = ("answer", "dataset", "split", "modality", "answer_type", "choices",
+               "answer_choice", "question_type", "language", "source_id")  # fmt: skip
+
+
+def read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-empty line; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScoringError(f"{what} file {path} does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ScoringError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ScoringError(f"{path}:{number}: expected a JSON object")
+            if not isinstance(row.get("id"), (str, int)) or isinstance(row.get("id"), bool):
+                raise ScoringError(f"{path}:{number}: field 'id' is missing or not a string")
+            rows.append((number, row))
+    return rows
+
+
+def index_by_id(rows: list[tuple[int, dict]], path: Path) -> dict[str, tuple[int, dict]]:
+    out: dict[str, tuple[int, dict]] = {}
+    for number, row in rows:
+        key = str(row["id"])
+        if key in out:
+            raise ScoringError(
+                f"{path}:{number}: duplicate id {key!r} (first on line {out[key][0]})"
+            )
+        out[key] = (number, row)
+    return out
+
+
+def load_predictions(path: Path) -> dict[str, tuple[int, dict]]:
+    rows = read_jsonl(path, "predictions")
+    for number, row in rows:
+        if not isinstance(row.get("prediction"), str):
+            raise ScoringError(f"{path}:{number}: field 'prediction' is missing or not a string")
+    return index_by_id(rows, path)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def aggregate(samples: list[dict], profile: Profile) -> dict[str, float]:
+    """Means of every per-sample metric over the samples that have it, plus the profile's
+    group metrics."""
+    by_metric: dict[str, list[float]] = defaultdict(list)
+    for s in samples:
+        for name, value in s["scores"].items():
+            by_metric[name].append(value)
+    out = {name: _mean(v) for name, v in sorted(by_metric.items())}
+    out.update(profile.group_metrics(samples))
+    return out
+
+
+def score_files(
+    references: Path, predictions: Path, profile_name: str, out_dir: Path, **options: Any
+) -> dict:
+    profile = get_profile(profile_name, **options)
+    references, predictions = Path(references), Path(predictions)
+    refs = index_by_id(read_jsonl(references, "references"), references)
+    preds = load_predictions(predictions)
+    for number, ref in refs.values():
+        profile.check_reference(ref, f"{references}:{number}")
+    missing = [k for k in refs if k not in preds]
+    extra = [k for k in preds if k not in refs]
+    if missing:
+        logger.warning("%d reference ids have no prediction (scored as wrong): %s",
+                       len(missing), missing[:10])  # fmt: skip
+    if extra:
+        logger.warning("%d predictions have no reference (ignored): %s", len(extra), extra[:10])
+    samples = []
+    for key, (_, ref) in refs.items():
+        prediction = preds[key][1]["prediction"] if key in preds else ""
+        details, scores = profile.score(ref, prediction)
+        samples.append({
+            "id": key, **{f: ref.get(f) for f in GROUP_FIELDS}, "answer": ref["answer"],
+            "prediction": prediction, "missing": key not in preds, **details, "scores": scores,
+        })  # fmt: skip
+    by: dict[str, dict[str, dict[str, float]]] = {}
+    for field in GROUP_FIELDS:
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for s in samples:
+            if s.get(field) not in (None, ""):
+                groups[str(s[field])].append(s)
+        if groups:
+            by[field] = {g: aggregate(v, profile) for g, v in sorted(groups.items())}
+    summary = {
+        "profile": profile.name,
+        "metric_version": profile.version,
+        "overall": aggregate(samples, profile),
+        "by": by,
+        "counts": {
+            "references": len(refs),
+            "predictions": len(preds),
+            "scored": len(samples),
+            "missing_predictions": len(missing),
+            "extra_predictions": len(extra),
+        },
+        "notes": profile.notes,
+        "provenance": {
+            "references": str(references),
+            "references_sha256": _sha256(references),
+            "predictions": str(predictions),
+            "predictions_sha256": _sha256(predictions),
+            "omnivmed": _version(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "options": {k: str(v) for k, v in options.items()},
+        },
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    with (out_dir / "samples.jsonl").open("w", encoding="utf-8") as f:
+        for s in samples:
+            f.write(json.dumps(s, ensure_ascii=False) + "\n")
+    (out_dir / "report.md").write_text(report(summary))
+    return summary
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("omnivmed")
+    except Exception:  # not installed (running from the source tree)
+        return "unknown"
+
+
+def _table(title: str, groups: dict[str, dict[str, float]], metrics: list[str]) -> str:
+    lines = [f"### {title}", "", "| " + " | ".join([title.split()[-1], *metrics]) + " |",
+             "|---" * (len(metrics) + 1) + "|"]  # fmt: skip
+    for name, values in groups.items():
+        cells = [f"{100 * values[m]:.1f}" if m in values else "-" for m in metrics]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(summary: dict) -> str:
+    """Markdown tables (values in percent), one per grouping, datasets first as in
+    OmniV-Med's Tables 1-3."""
+    metrics = list(summary["overall"])
+    parts = [
+        f"# Evaluation: profile `{summary['profile']}` (version {summary['metric_version']})",
+        "",
+        f"Scored {summary['counts']['scored']} samples; {summary['counts']['missing_predictions']} "
+        f"without a prediction (scored wrong), {summary['counts']['extra_predictions']} "
+        "predictions without a reference (ignored). Values in percent.",
+        "",
+        _table("Overall all", {"all": summary["overall"]}, metrics),
+    ]
+    for field in GROUP_FIELDS:
+        if field in summary["by"]:
+            parts.append(_table(f"By {field}", summary["by"][field], metrics))
+    if summary["notes"]:
+        parts += ["## Notes", "", *[f"- {n}" for n in summary["notes"]], ""]
+    return "\n".join(parts)
