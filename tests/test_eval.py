@@ -307,3 +307,13 @@ def test_records_keep_and_check_the_evaluation_fields(tmp_path):
                        ({"answer_choice": "C"}, "answer_choice"), ({"dataset": ["x"]}, "dataset")]:  # fmt: skip
         with pytest.raises(RecordError, match=match):
             load_records(write_jsonl(tmp_path / "bad.jsonl", [{**base, **bad}]))
+
+
+def test_run_refuses_media_outside_the_data_root(tmp_path, bench, capsys):
+    model_dir, _ = bench
+    outside = write_jsonl(tmp_path / "b.jsonl", [{
+        "id": "x", "images": ["../../etc/passwd.png"], "answer": "yes", "answer_type": "closed",
+        "conversations": [{"from": "human", "value": "<image>\nQ?"}]}])  # fmt: skip
+    rc = main(["run", str(model_dir), "--benchmark", str(outside), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "points outside the data root" in capsys.readouterr().err
