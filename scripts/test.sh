@@ -31,6 +31,9 @@ PATH="$ROOT/.venv/bin:$PATH" cmake --build build/cmake -j "${MAX_JOBS:-2}" >>bui
 ctest --test-dir build/cmake --output-on-failure
 echo "== CMake build and ctest took $(( $(date +%s) - start )) s"
 
+echo "== WordNet for METEOR (omnivmed-eval)"
+if wordnet=$(bash scripts/fetch_wordnet.sh); then export OMNIVMED_WORDNET=$wordnet; fi
+
 echo "== pytest"
 # From tests/, so the installed package (not the source folder) is what gets imported.
 cd tests

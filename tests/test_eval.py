@@ -317,3 +317,46 @@ def test_run_refuses_media_outside_the_data_root(tmp_path, bench, capsys):
     rc = main(["run", str(model_dir), "--benchmark", str(outside), "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "points outside the data root" in capsys.readouterr().err
+
+
+def test_meteor_with_wordnet_or_a_note_saying_why_not(monkeypatch, tmp_path):
+    from omnivmed.evaluation import captions
+
+    # Without WordNet: no meteor value at all, and a note that says why and what to do.
+    with monkeypatch.context() as m:
+        m.setattr(captions, "_wordnet_roots", lambda: [tmp_path])
+        captions.wordnet.cache_clear()
+        profile = get_profile("strict")
+        scores = profile.score({"answer": "left lung", "answer_type": "open"}, "left lung")[1]
+        assert "meteor" not in scores
+        assert any("METEOR not computed" in n and "fetch_wordnet.sh" in n for n in profile.notes)
+    captions.wordnet.cache_clear()
+    if captions.wordnet()[0] is None:
+        pytest.skip("no WordNet here (scripts/fetch_wordnet.sh provides it)")
+    assert captions.meteor(["left", "lung"], ["left", "lung"]) == pytest.approx(0.9375)
+    assert 0 < captions.meteor(["lesions"], ["lesion"]) < 1  # stems match
+    assert "meteor" in open_("the left lung", "left lung")
+
+
+def test_surgical_label_matching_and_macro_scores(tmp_path):
+    refs = write_jsonl(tmp_path / "r.jsonl", [
+        {"id": "1", "answer": "grasper", "answer_type": "closed", "dataset": "EndoVis18-VQA"},
+        {"id": "2", "answer": "bipolar forceps", "answer_type": "closed", "dataset": "EndoVis18-VQA"},
+        {"id": "3", "answer": "grasper", "answer_type": "closed", "dataset": "EndoVis18-VQA"},
+        {"id": "4", "answer": "clipper", "answer_type": "closed", "dataset": "EndoVis18-VQA"},
+    ])  # fmt: skip
+    preds = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": "1", "prediction": "The grasper."},  # the label inside the answer
+        {"id": "2", "prediction": "grasper"},  # a wrong label
+        {"id": "3", "prediction": "grasper or clipper"},  # two labels: wrong, not guessed
+        {"id": "4", "prediction": "Clipper"},
+    ])  # fmt: skip
+    summary = score_files(refs, preds, "surgical", tmp_path / "o")
+    o = summary["overall"]
+    assert o["accuracy"] == 0.5
+    # grasper: P 1/2, R 1/2; bipolar forceps: P 0, R 0; clipper: P 1, R 1 -> macro over 3
+    assert o["macro_precision"] == pytest.approx((0.5 + 0 + 1) / 3)
+    assert o["macro_recall"] == pytest.approx((0.5 + 0 + 1) / 3)
+    assert o["macro_f1"] == pytest.approx((0.5 + 0 + 1) / 3)
+    samples = [json.loads(x) for x in (tmp_path / "o/samples.jsonl").read_text().splitlines()]
+    assert samples[2]["read"] == "several labels" and samples[2]["label"] is None

@@ -14,9 +14,10 @@ from functools import cache
 from pathlib import Path
 
 WORDNET_HELP = (
-    "WordNet was not found: install the OS package (Debian/Ubuntu: apt-get install "
-    "wordnet-base, which fills /usr/share/wordnet) or point OMNIVMED_WORDNET at a folder "
-    "holding WordNet 3.0's dict files (data.noun, index.noun, ...)"
+    "WordNet was not found: run `bash scripts/fetch_wordnet.sh` (it unpacks Debian's "
+    "wordnet-base into .cache/wordnet and writes the lexnames index nltk needs) and set "
+    "OMNIVMED_WORDNET to the folder it prints, or point OMNIVMED_WORDNET at any WordNet 3.0 "
+    "dict folder with data.noun, index.noun, ... and lexnames"
 )
 
 
@@ -69,11 +70,25 @@ def _wordnet_roots() -> list[Path]:
 @cache
 def wordnet():
     """(WordNet reader, None) or (None, why it is missing)."""
+    import warnings
+
+    import nltk
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    class EnglishWordNet(WordNetCorpusReader):
+        # METEOR needs English synsets only: no mapping to other versions for the
+        # multilingual data (which would look for nltk's own download, and index.sense).
+        def map_wn(self, version="wordnet"):
+            return None
 
     for root in _wordnet_roots():
         if (root / "data.noun").is_file() and (root / "lexnames").is_file():
-            return WordNetCorpusReader(str(root), None), None
+            # nltk reads corpora only under its data path: the folder chosen here is added.
+            if str(root) not in nltk.data.path:
+                nltk.data.path.append(str(root))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "multilingual functions not available"
+                return EnglishWordNet(str(root), None), None
     return None, WORDNET_HELP
 
 

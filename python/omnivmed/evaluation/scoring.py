@@ -92,6 +92,7 @@ def score_files(
     preds = load_predictions(predictions)
     for number, ref in refs.values():
         profile.check_reference(ref, f"{references}:{number}")
+    profile.prepare([ref for _, ref in refs.values()])
     missing = [k for k in refs if k not in preds]
     extra = [k for k in preds if k not in refs]
     if missing:

@@ -37,6 +37,9 @@ class Profile:
                     f"{where}: field {name!r} is missing; profile {self.name!r} needs it"
                 )
 
+    def prepare(self, references: list[dict]) -> None:
+        """Sees every reference once before scoring (e.g. to collect a label set)."""
+
     def score(self, ref: dict, prediction: str) -> tuple[dict[str, Any], dict[str, float]]:
         """(details for samples.jsonl, {metric: value in [0, 1]}) for one sample."""
         raise NotImplementedError
