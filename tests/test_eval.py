@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from omnivmed.cli.eval import main
@@ -241,9 +242,11 @@ def test_run_then_score_and_blank_visual(tmp_path, bench):
                  "--max-new-tokens", "4"]) == 2  # fmt: skip
 
 
-def _eval_command(model_dir, benchmark, out, tokens_=6):
+def _eval_command(model_dir, benchmark, out, tokens_=6, batch_size=2):
+    # Two records per generate call: a kill lands between written batches too.
     return [sys.executable, "-m", "omnivmed.cli.eval", "run", str(model_dir), "--benchmark",
-            str(benchmark), "--out", str(out), "--max-new-tokens", str(tokens_), "--device", "cpu"]  # fmt: skip
+            str(benchmark), "--out", str(out), "--max-new-tokens", str(tokens_), "--device", "cpu",
+            "--batch-size", str(batch_size)]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -360,3 +363,81 @@ def test_surgical_label_matching_and_macro_scores(tmp_path):
     assert o["macro_f1"] == pytest.approx((0.5 + 0 + 1) / 3)
     samples = [json.loads(x) for x in (tmp_path / "o/samples.jsonl").read_text().splitlines()]
     assert samples[2]["read"] == "several labels" and samples[2]["label"] is None
+
+
+def test_batched_answers_equal_one_at_a_time(tmp_path):
+    # Prompts of different lengths (left padding) and images of different sizes, and a
+    # tiny model with large random LLM weights, so that its answers depend on the input.
+    torch.manual_seed(0)
+    model, tokenizer = build_preset("tiny")
+    with torch.no_grad():
+        for p in model.language_model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    ProcessorOptions(max_pixels=48 * 48, min_pixels=32 * 32).save(model_dir)
+    rng = np.random.default_rng(1)
+    rows = []
+    for i, (size, question) in enumerate([(40, "Q?"), (64, "Is there a lesion in the left lobe?"),
+                                          (32, "What organ is this, and is it normal?")]):  # fmt: skip
+        Image.fromarray((rng.random((size, size + 8, 3)) * 255).astype(np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+        rows.append({"id": f"b{i}", "images": [f"{i}.png"], "answer": "yes", "answer_type": "closed",
+                     "conversations": [{"from": "human", "value": f"<image>\\n{question}"}]})  # fmt: skip
+    rows.append({"id": "text", "answer": "no", "answer_type": "closed",
+                 "conversations": [{"from": "human", "value": "No image: yes or no?"}]})  # fmt: skip
+    benchmark = write_jsonl(tmp_path / "b.jsonl", rows)
+    outs = {}
+    for bs in (1, 4):
+        out = tmp_path / f"bs{bs}"
+        assert main(["run", str(model_dir), "--benchmark", str(benchmark), "--out", str(out),
+                     "--max-new-tokens", "8", "--batch-size", str(bs)]) == 0  # fmt: skip
+        outs[bs] = [(r["id"], r["prediction"], r["visual_tokens"]) for r in read_predictions(out / "predictions.jsonl")]  # fmt: skip
+    assert outs[1] == outs[4]
+    assert len({p for _, p, _ in outs[1]}) > 1  # the answers are not all the same text
+
+
+def test_m3d_bertscore_from_a_local_model_folder(tmp_path):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "the",
+        "left",
+        "right",
+        "lung",
+        "liver",
+        "lesion",
+        "is",
+        "clear",
+        "mass",
+    ]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(tmp_path / "vocab.txt"), model_max_length=64).save_pretrained(
+        tmp_path / "bert"
+    )
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64)  # fmt: skip
+    BertModel(config).save_pretrained(tmp_path / "bert")
+    refs = write_jsonl(tmp_path / "r.jsonl", [
+        {"id": "1", "answer": "left lung lesion", "answer_type": "open"},
+        {"id": "2", "answer": "liver", "answer_type": "open"}])  # fmt: skip
+    preds = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": "1", "prediction": "left lung lesion"}, {"id": "2", "prediction": "right lung mass"}])  # fmt: skip
+    summary = score_files(
+        refs, preds, "m3d", tmp_path / "o", bertscore_model=str(tmp_path / "bert")
+    )
+    samples = [json.loads(x) for x in (tmp_path / "o/samples.jsonl").read_text().splitlines()]
+    assert samples[0]["scores"]["bertscore"] == pytest.approx(1.0, abs=1e-5)  # identical text
+    assert samples[1]["scores"]["bertscore"] < 0.99
+    assert any("layer 2" in n for n in summary["notes"])
+    with pytest.raises(FileNotFoundError, match=r"holds no config\.json"):
+        score_files(refs, preds, "m3d", tmp_path / "o", bertscore_model=str(tmp_path / "nothing"))

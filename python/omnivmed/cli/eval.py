@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--blank-visual", action="store_true",
                      help="every pixel black: shows how much answers depend on the image")  # fmt: skip
     run.add_argument("--device", default="auto")
+    run.add_argument("--batch-size", type=int, default=8, help="records per generate call")
     run.add_argument("--limit", type=int, help="only the first N records")
     run.add_argument("--score", metavar="PROFILE", help="score the predictions afterwards")
     score = sub.add_parser("score", help="score predictions against references")
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--predictions", required=True)
     score.add_argument("--profile", default="strict")
     score.add_argument("--out", required=True)
+    score.add_argument("--bertscore-model", help="local model folder for BERTScore (m3d profile)")
+    score.add_argument("--bertscore-layers", type=int, help="its layer (default: the last)")
     sub.add_parser("profiles", help="list the scoring profiles")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="omnivmed-eval: %(message)s")
@@ -55,11 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from omnivmed.evaluation.generate import run_benchmark
 
-            if args.max_new_tokens < 1:
-                raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+            for flag in ("max_new_tokens", "batch_size"):
+                if getattr(args, flag) < 1:
+                    raise ValueError(
+                        f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
+                    )
             predictions = run_benchmark(args.model, args.benchmark, args.out, data_root=args.data_root,
                                         max_new_tokens=args.max_new_tokens, blank_visual=args.blank_visual,
-                                        device=args.device, limit=args.limit)  # fmt: skip
+                                        device=args.device, limit=args.limit,
+                                        batch_size=args.batch_size)  # fmt: skip
             print(f"predictions: {predictions}")
             if args.score:
                 summary = score_files(
@@ -67,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(json.dumps(summary["overall"], indent=2))
             return 0
-        summary = score_files(args.references, args.predictions, args.profile, args.out)
+        options = {k: v for k in ("bertscore_model", "bertscore_layers") if (v := getattr(args, k))}
+        summary = score_files(args.references, args.predictions, args.profile, args.out, **options)
         print(json.dumps({"overall": summary["overall"], "counts": summary["counts"]}, indent=2))
         for note in summary["notes"]:
             print(f"note: {note}")

@@ -54,11 +54,12 @@ class VisualCollator:
                 cols = slice(longest - n, longest) if self.padding_side == "left" else slice(0, n)
                 ids[i, cols], labels[i, cols], mask[i, cols] = s["input_ids"], s["labels"], 1
             batch.update(input_ids=ids, labels=labels, attention_mask=mask)
-        batch.update(_concat_visual([s["visual"] for s in kept]))
+        batch.update(concat_visual([s["visual"] for s in kept]))
         return batch
 
 
-def _concat_visual(visuals) -> dict[str, torch.Tensor]:
+def concat_visual(visuals) -> dict[str, torch.Tensor]:
+    """The model's visual inputs for several samples' VisualBatches, in sample order."""
     if all(v.visual_kinds.numel() == 0 for v in visuals):
         return {}
     lengths = torch.cat([torch.diff(v.visual_cu_seqlens.long()) for v in visuals])

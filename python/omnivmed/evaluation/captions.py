@@ -101,3 +101,31 @@ def meteor(ref: list[str], pred: list[str]) -> float | None:
     if not pred or not ref:
         return 0.0
     return float(meteor_score([ref], pred, wordnet=wn))
+
+
+@cache
+def _bert_scorer(model_dir: str, num_layers: int | None):
+    import logging
+
+    from bert_score import BERTScorer
+    from transformers import AutoConfig
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"BERTScore model folder {path} holds no config.json (give a local folder saved "
+            "with save_pretrained; nothing is downloaded)"
+        )
+    layers = num_layers or AutoConfig.from_pretrained(path, local_files_only=True).num_hidden_layers
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    return BERTScorer(model_type=str(path), num_layers=layers), layers
+
+
+def bertscore(ref: str, pred: str, model_dir: str | Path, num_layers: int | None = None) -> float:
+    """BERTScore F1 of one pair with a local model (no idf weighting, no baseline
+    rescaling), embeddings from layer `num_layers` (default: the last)."""
+    if not ref.strip() or not pred.strip():
+        return 0.0
+    scorer, _ = _bert_scorer(str(model_dir), num_layers)
+    _, _, f1 = scorer.score([pred], [ref])
+    return float(f1[0])

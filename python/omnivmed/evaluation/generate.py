@@ -58,34 +58,57 @@ def blank_pixels(pixel_values: torch.Tensor, mean, std) -> torch.Tensor:
     return out.view_as(pixel_values)
 
 
-@torch.no_grad()
-def answer_record(model, tokenizer, processor: OmniVMedProcessor, record: Record,
-                  max_new_tokens: int, blank_visual: bool = False) -> dict[str, Any]:  # fmt: skip
+def _prepare(processor: OmniVMedProcessor, tokenizer, record: Record, blank_visual: bool):
+    """(prompt token ids, visual batch or None) of one record."""
     question = _question(record)
-    device = next(model.parameters()).device
-    visual_inputs, counts, unpruned = {}, [], []
+    visual, counts = None, []
     if record.media:
         media = [Media(kind, path, options) for kind, path, options in record.media]
         visual = processor.encode_media(media, record.id)
-        visual_inputs = visual.model_inputs()
         if blank_visual:
             o = processor.options
-            visual_inputs["pixel_values"] = blank_pixels(
-                visual_inputs["pixel_values"], o.image_mean, o.image_std
-            )
-        visual_inputs = {k: v.to(device) for k, v in visual_inputs.items()}
-        counts, unpruned = list(visual.token_counts), list(visual.unpruned_counts)
+            visual.pixel_values = blank_pixels(visual.pixel_values, o.image_mean, o.image_std)
+        counts = list(visual.token_counts)
     messages = expand_markers([{"role": "user", "content": question}], counts,
-                              model.config.image_token, record.id)  # fmt: skip
+                              processor.config.image_token, record.id)  # fmt: skip
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
-    processor.check_length(inputs["input_ids"].shape[1], sum(counts), record.id)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    processor.check_length(ids.numel(), sum(counts), record.id)
+    return ids, visual
+
+
+@torch.no_grad()
+def answer_records(model, tokenizer, processor: OmniVMedProcessor, records: list[Record],
+                   max_new_tokens: int, blank_visual: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """Greedy answers to several records in one `generate` call: prompts left-padded,
+    every record's media read and pruned once, the visual inputs concatenated in order.
+    Each answer equals the one the record gets alone (tested)."""
+    from ..data.collator import concat_visual
+
+    device = next(model.parameters()).device
+    prepared = [_prepare(processor, tokenizer, r, blank_visual) for r in records]
+    longest = max(ids.numel() for ids, _ in prepared)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(prepared), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(prepared), longest), dtype=torch.long)
+    for i, (ids, _) in enumerate(prepared):
+        input_ids[i, longest - ids.numel() :], mask[i, longest - ids.numel() :] = ids, 1
+    visuals = [v for _, v in prepared if v is not None]
+    visual_inputs = concat_visual(visuals) if visuals else {}
+    visual_inputs = {k: v.to(device) for k, v in visual_inputs.items()}
     start = time.perf_counter()
-    out = model.generate(**inputs, **visual_inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return {"id": record.id, "prediction": text.strip(), "visual_tokens": sum(counts),
-            "visual_tokens_unpruned": sum(unpruned), "seconds": time.perf_counter() - start}  # fmt: skip
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                         **visual_inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    seconds = (time.perf_counter() - start) / len(records)
+    rows = []
+    for i, (record, (_, visual)) in enumerate(zip(records, prepared, strict=True)):
+        text = tokenizer.decode(out[i, longest:], skip_special_tokens=True)
+        rows.append({"id": record.id, "prediction": text.strip(),
+                     "visual_tokens": sum(visual.token_counts) if visual else 0,
+                     "visual_tokens_unpruned": sum(visual.unpruned_counts) if visual else 0,
+                     "seconds": seconds})  # fmt: skip
+    return rows
 
 
 def _distributed() -> tuple[int, int]:
@@ -98,7 +121,7 @@ def _distributed() -> tuple[int, int]:
 def run_benchmark(model_dir: str | Path, benchmark: str | Path, out_dir: str | Path, *,
                   data_root: str | Path | None = None, max_new_tokens: int = 32,
                   blank_visual: bool = False, device: str = "auto", limit: int | None = None,
-                  progress: bool = True) -> Path:  # fmt: skip
+                  batch_size: int = 8, progress: bool = True) -> Path:  # fmt: skip
     """Answer every record of `benchmark` (JSONL/JSON instruction records with their
     media); returns the merged predictions file."""
     from ..inference import load_for_inference
@@ -118,7 +141,7 @@ def run_benchmark(model_dir: str | Path, benchmark: str | Path, out_dir: str | P
     model, tokenizer, options = load_for_inference(model_dir, device=device)
     processor = OmniVMedProcessor(model.config, tokenizer, options)
     settings = {"model": str(Path(model_dir).resolve()), "benchmark": str(Path(benchmark).resolve()),
-                "max_new_tokens": max_new_tokens, "decoding": "greedy", "blank_visual": blank_visual,
+                "max_new_tokens": max_new_tokens, "decoding": "greedy", "batch_size": batch_size, "blank_visual": blank_visual,
                 "world_size": world, "media": json.loads(json.dumps(options.__dict__, default=str)),
                 "prompt": "chat template of the model's tokenizer, one user turn holding the "
                           "record's first human turn, generation prompt added"}  # fmt: skip
@@ -138,12 +161,18 @@ def run_benchmark(model_dir: str | Path, benchmark: str | Path, out_dir: str | P
     part = out_dir / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.partial.jsonl")
     done = _done_ids(part)
     todo = [r for r in shard if r.id not in done]
+    bar = tqdm(total=len(todo), desc=f"eval rank {rank}", disable=not progress or rank != 0)
     with part.open("a", encoding="utf-8") as f:
-        for record in tqdm(todo, desc=f"eval rank {rank}", disable=not progress or rank != 0):
-            row = answer_record(model, tokenizer, processor, record, max_new_tokens, blank_visual)
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for b in range(0, len(todo), batch_size):
+            chunk = todo[b : b + batch_size]
+            for row in answer_records(
+                model, tokenizer, processor, chunk, max_new_tokens, blank_visual
+            ):
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+            bar.update(len(chunk))
+    bar.close()
     if world > 1:
         torch.distributed.barrier()
     final = out_dir / "predictions.jsonl"

@@ -42,7 +42,13 @@ class M3DProfile(Profile):
                 self.notes.append(note)
         else:
             scores["meteor"] = meteor
-        note = "BERTScore not computed: it needs a local model folder (never downloaded)"
+        model = self.options.get("bertscore_model")
+        if model:
+            layers = self.options.get("bertscore_layers")
+            scores["bertscore"] = captions.bertscore(str(ref["answer"]), out, model, layers)
+            note = f"BERTScore: F1 with {model}, layer {captions._bert_scorer(str(model), layers)[1]}, no idf, no rescaling"
+        else:
+            note = "BERTScore not computed: it needs a local model folder (--bertscore-model; never downloaded)"
         if note not in self.notes:
             self.notes.append(note)
         return {"rule": "open"}, scores
