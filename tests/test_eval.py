@@ -441,3 +441,23 @@ def test_m3d_bertscore_from_a_local_model_folder(tmp_path):
     assert any("layer 2" in n for n in summary["notes"])
     with pytest.raises(FileNotFoundError, match=r"holds no config\.json"):
         score_files(refs, preds, "m3d", tmp_path / "o", bertscore_model=str(tmp_path / "nothing"))
+
+
+def test_metric_selection_and_a_baseline_beside_the_run(tmp_path, capsys):
+    refs = write_jsonl(tmp_path / "refs.jsonl", REFS)
+    run = write_jsonl(tmp_path / "run.jsonl", [
+        {"id": "q1", "prediction": "yes"}, {"id": "q2", "prediction": "left lung"},
+        {"id": "q3", "prediction": "no"}])  # fmt: skip
+    blank = write_jsonl(tmp_path / "blank.jsonl", [
+        {"id": "q1", "prediction": "no"}, {"id": "q2", "prediction": "heart"},
+        {"id": "q3", "prediction": "no"}])  # fmt: skip
+    summary = score_files(refs, run, "strict", tmp_path / "o",
+                          metrics=["closed_accuracy", "open_recall"], baseline=blank)  # fmt: skip
+    assert set(summary["overall"]) == {"closed_accuracy", "open_recall"}
+    assert summary["baseline"]["overall"] == {"closed_accuracy": 0.5, "open_recall": 0.0}
+    report = (tmp_path / "o/report.md").read_text()
+    assert "| closed_accuracy | 100.0 | 50.0 | +50.0 |" in report
+    with pytest.raises(ScoringError, match=r"unknown metric\(s\) \['bleu9'\] for profile 'strict'"):
+        score_files(refs, run, "strict", tmp_path / "o", metrics=["bleu9"])
+    assert main(["profiles"]) == 0
+    assert "closed_accuracy" in capsys.readouterr().out

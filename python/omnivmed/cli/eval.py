@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--predictions", required=True)
     score.add_argument("--profile", default="strict")
     score.add_argument("--out", required=True)
+    score.add_argument("--metrics", help="comma-separated metric names to keep (default: all)")
+    score.add_argument("--baseline", metavar="PRED.jsonl",
+                       help="a second prediction set (e.g. a --blank-visual run) reported beside")  # fmt: skip
     score.add_argument("--bertscore-model", help="local model folder for BERTScore (m3d profile)")
     score.add_argument("--bertscore-layers", type=int, help="its layer (default: the last)")
     sub.add_parser("profiles", help="list the scoring profiles")
@@ -51,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "profiles":
             load_profiles()
             for name, cls in sorted(PROFILES.items()):
-                print(
-                    f"{name:<10} version {cls.version}: {(cls.__doc__ or '').strip().splitlines()[0]}"
-                )
+                print(f"{name:<10} version {cls.version}: {', '.join(cls.metrics)}")
             return 0
         if args.command == "run":
             from omnivmed.evaluation.generate import run_benchmark
@@ -75,8 +76,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(summary["overall"], indent=2))
             return 0
         options = {k: v for k in ("bertscore_model", "bertscore_layers") if (v := getattr(args, k))}
-        summary = score_files(args.references, args.predictions, args.profile, args.out, **options)
-        print(json.dumps({"overall": summary["overall"], "counts": summary["counts"]}, indent=2))
+        metrics = (
+            [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+        )
+        summary = score_files(args.references, args.predictions, args.profile, args.out,
+                              metrics=metrics, baseline=args.baseline, **options)  # fmt: skip
+        shown = {"overall": summary["overall"], "counts": summary["counts"]}
+        if "baseline" in summary:
+            shown["baseline"] = summary["baseline"]["overall"]
+        print(json.dumps(shown, indent=2))
         for note in summary["notes"]:
             print(f"note: {note}")
         return 0

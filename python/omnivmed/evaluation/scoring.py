@@ -83,10 +83,55 @@ def aggregate(samples: list[dict], profile: Profile) -> dict[str, float]:
     return out
 
 
+def _score_all(refs: dict, preds: dict, profile: Profile, metrics: list[str] | None):
+    """(samples, overall, by-group) of one prediction set."""
+    samples = []
+    for key, (_, ref) in refs.items():
+        prediction = preds[key][1]["prediction"] if key in preds else ""
+        details, scores = profile.score(ref, prediction)
+        if metrics is not None:
+            scores = {k: v for k, v in scores.items() if k in metrics}
+        samples.append({
+            "id": key, **{f: ref.get(f) for f in GROUP_FIELDS}, "answer": ref["answer"],
+            "prediction": prediction, "missing": key not in preds, **details, "scores": scores,
+        })  # fmt: skip
+
+    def summarise(group: list[dict]) -> dict[str, float]:
+        values = aggregate(group, profile)
+        return {k: v for k, v in values.items() if metrics is None or k in metrics}
+
+    by: dict[str, dict[str, dict[str, float]]] = {}
+    for field in GROUP_FIELDS:
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for s in samples:
+            if s.get(field) not in (None, ""):
+                groups[str(s[field])].append(s)
+        if groups:
+            by[field] = {g: summarise(v) for g, v in sorted(groups.items())}
+    return samples, summarise(samples), by
+
+
 def score_files(
-    references: Path, predictions: Path, profile_name: str, out_dir: Path, **options: Any
+    references: Path,
+    predictions: Path,
+    profile_name: str,
+    out_dir: Path,
+    *,
+    metrics: list[str] | None = None,
+    baseline: Path | None = None,
+    **options: Any,
 ) -> dict:
+    """Score `predictions` against `references`; `metrics` keeps only those (names the
+    profile knows), `baseline` scores a second prediction set (e.g. a --blank-visual run)
+    and reports it beside the first."""
     profile = get_profile(profile_name, **options)
+    if metrics is not None:
+        unknown = [m for m in metrics if m not in profile.metrics]
+        if unknown:
+            raise ScoringError(
+                f"unknown metric(s) {unknown} for profile {profile.name!r}; its metrics: "
+                f"{list(profile.metrics)}"
+            )
     references, predictions = Path(references), Path(predictions)
     refs = index_by_id(read_jsonl(references, "references"), references)
     preds = load_predictions(predictions)
@@ -100,26 +145,11 @@ def score_files(
                        len(missing), missing[:10])  # fmt: skip
     if extra:
         logger.warning("%d predictions have no reference (ignored): %s", len(extra), extra[:10])
-    samples = []
-    for key, (_, ref) in refs.items():
-        prediction = preds[key][1]["prediction"] if key in preds else ""
-        details, scores = profile.score(ref, prediction)
-        samples.append({
-            "id": key, **{f: ref.get(f) for f in GROUP_FIELDS}, "answer": ref["answer"],
-            "prediction": prediction, "missing": key not in preds, **details, "scores": scores,
-        })  # fmt: skip
-    by: dict[str, dict[str, dict[str, float]]] = {}
-    for field in GROUP_FIELDS:
-        groups: dict[str, list[dict]] = defaultdict(list)
-        for s in samples:
-            if s.get(field) not in (None, ""):
-                groups[str(s[field])].append(s)
-        if groups:
-            by[field] = {g: aggregate(v, profile) for g, v in sorted(groups.items())}
+    samples, overall, by = _score_all(refs, preds, profile, metrics)
     summary = {
         "profile": profile.name,
         "metric_version": profile.version,
-        "overall": aggregate(samples, profile),
+        "overall": overall,
         "by": by,
         "counts": {
             "references": len(refs),
@@ -139,6 +169,16 @@ def score_files(
             "options": {k: str(v) for k, v in options.items()},
         },
     }
+    if baseline is not None:
+        base_preds = load_predictions(Path(baseline))
+        _, base_overall, base_by = _score_all(refs, base_preds, profile, metrics)
+        summary["baseline"] = {
+            "predictions": str(baseline),
+            "predictions_sha256": _sha256(Path(baseline)),
+            "missing_predictions": sum(1 for k in refs if k not in base_preds),
+            "overall": base_overall,
+            "by": base_by,
+        }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
@@ -183,6 +223,20 @@ def report(summary: dict) -> str:
     for field in GROUP_FIELDS:
         if field in summary["by"]:
             parts.append(_table(f"By {field}", summary["by"][field], metrics))
+    if "baseline" in summary:
+        base = summary["baseline"]["overall"]
+        parts += [
+            f"### Beside the baseline ({summary['baseline']['predictions']})",
+            "",
+            "| metric | run | baseline | run - baseline |",
+            "|---|---|---|---|",
+            *[
+                f"| {m} | {100 * v:.1f} | {100 * base[m]:.1f} | {100 * (v - base[m]):+.1f} |"
+                for m, v in summary["overall"].items()
+                if m in base
+            ],
+            "",
+        ]
     if summary["notes"]:
         parts += ["## Notes", "", *[f"- {n}" for n in summary["notes"]], ""]
     return "\n".join(parts)

@@ -18,6 +18,7 @@ class ScoringError(ValueError):
 class Profile:
     name: ClassVar[str]
     version: ClassVar[str]
+    metrics: ClassVar[tuple[str, ...]]  # every metric name it can report
     # Reference fields the profile needs on every record.
     required_fields: ClassVar[tuple[str, ...]] = ("answer",)
 

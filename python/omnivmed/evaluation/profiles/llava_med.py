@@ -142,6 +142,7 @@ def bleu4_unsmoothed(pred: str, ref: str) -> float:
 class LlavaMedProfile(Profile):
     name = "llava-med"
     version = "1"
+    metrics = ("closed_accuracy", "open_recall", "open_f1", "open_exact_match", "bleu4")
     required_fields = ("answer", "answer_type")
 
     def score(self, ref: dict, prediction: str) -> tuple[dict[str, Any], dict[str, float]]:

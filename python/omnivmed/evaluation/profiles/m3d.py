@@ -15,6 +15,7 @@ from . import Profile, ScoringError
 class M3DProfile(Profile):
     name = "m3d"
     version = "1"
+    metrics = ("closed_accuracy", "bleu1", "rouge1", "meteor", "bertscore")
     required_fields = ("answer", "answer_type")
 
     def check_reference(self, ref: dict, where: str) -> None:

@@ -88,6 +88,19 @@ def reference_letter(ref: dict) -> str:
 class StrictProfile(Profile):
     name = "strict"
     version = "1"
+    metrics = (
+        "closed_accuracy",
+        "open_recall",
+        "open_exact_match",
+        "open_f1",
+        "bleu1",
+        "bleu2",
+        "bleu3",
+        "bleu4",
+        "rouge1",
+        "rouge_l",
+        "meteor",
+    )
     required_fields = ("answer", "answer_type")
 
     def check_reference(self, ref: dict, where: str) -> None:

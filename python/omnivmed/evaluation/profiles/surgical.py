@@ -20,6 +20,7 @@ from . import Profile
 class SurgicalProfile(Profile):
     name = "surgical"
     version = "1"
+    metrics = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 
     def prepare(self, references: list[dict]) -> None:
         self.labels: dict[str, set[str]] = defaultdict(set)
