@@ -4,6 +4,9 @@
     omnivmed-data tokens mixture.yaml --preset omnivmed-7b-shape --config my_stage3.yaml
     omnivmed-data tokens data.jsonl --model runs/x/stage3/final --set media.prune_threshold=0.05
 
+    omnivmed-data convert slake --input SLAKE/ --out data/slake.jsonl   # official layout -> records
+    omnivmed-data validate data/slake.jsonl --data-root SLAKE/            # schema + media on disk
+
 `tokens` runs the processor over a data file or mixture, as training reads it (the media
 settings of a stage YAML, the packaged stage 3 by default, or of a saved model), and
 reports the visual tokens per modality with and without pruning: a table, and
@@ -13,6 +16,7 @@ token_stats.json + token_stats.png in --out.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -95,6 +99,47 @@ def tokens(args) -> int:
     return 0
 
 
+def convert(args) -> int:
+    from ..data.converters import convert_dataset
+
+    summary = convert_dataset(args.source, args.input, args.out, strict=args.strict)
+    print(f"{summary['dataset']}: {summary['records']} records -> {summary['output']} "
+          f"(sha256 {summary['sha256'][:16]}...; data root {summary['data_root']})")  # fmt: skip
+    expected = summary["expected_counts"] or {}
+    for split, n in summary["counts"]["split"].items():
+        doc = f" (documented: {expected[split]})" if split in expected else ""
+        print(f"  {split:<10}{n:>8}{doc}")
+    for key in ("modality", "question_type", "answer_type", "language"):
+        print(f"  {key}: {summary['counts'][key]}")
+    if summary["matches_documented_counts"] is False:
+        print("  WARNING: the split counts differ from the documented ones (see docs/datasets.md)")
+    if summary["images_in_several_splits"]:
+        print(f"  {summary['images_in_several_splits']} images are shared across splits (the "
+              "release splits questions, not images)")  # fmt: skip
+    for file, n in summary["problems"].items():
+        print(
+            f"  skipped {n} entries of {file} (malformed or missing image; --strict stops instead)"
+        )
+    summary_path = Path(args.out).with_suffix(".summary.json")
+    summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    print(f"summary: {summary_path}")
+    return 0
+
+
+def validate(args) -> int:
+    from ..data.validate import validate_file
+
+    report = validate_file(args.data, args.data_root, read_media=not args.no_read)
+    print(f"{report['file']}: {report['valid_records']} of {report['records']} records parse; "
+          f"media {report['media']} in {report['media_files']} files")  # fmt: skip
+    for problem in report["problems"][:50]:
+        print(f"  {problem}")
+    if len(report["problems"]) > 50:
+        print(f"  ... and {len(report['problems']) - 50} more")
+    print("OK" if not report["problems"] else f"{len(report['problems'])} problems")
+    return 0 if not report["problems"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="omnivmed-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -109,9 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     tok.add_argument("--config", help="a stage YAML whose media settings to use (default: stage3)")
     tok.add_argument("--set", action="append", metavar="media.KEY=VALUE")
     tok.add_argument("--out", default="token_stats", help="folder for token_stats.json/.png")
+    conv = sub.add_parser("convert", help="a public dataset's release -> instruction records")
+    conv.add_argument("source", help="vqa-rad, slake, path-vqa, pmc-vqa, m3d-vqa")
+    conv.add_argument("--input", required=True, help="the release, unpacked")
+    conv.add_argument("--out", required=True, help="JSONL output (a .summary.json beside it)")
+    conv.add_argument("--strict", action="store_true", help="stop at the first malformed entry")
+    val = sub.add_parser("validate", help="check a data file and its media without training")
+    val.add_argument("data")
+    val.add_argument("--data-root", help="media root (default: the file's folder)")
+    val.add_argument("--no-read", action="store_true", help="check existence only, not readability")
     args = parser.parse_args(argv)
     try:
-        return tokens(args)
+        return {"tokens": tokens, "convert": convert, "validate": validate}[args.command](args)
     except (ValueError, OSError) as exc:  # bad settings, data or model folders
         print(f"omnivmed-data: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,160 @@
+"""Dataset converters: the public datasets' official release layouts -> our instruction
+records with the evaluation fields (docs/datasets.md documents each source: the files
+expected, the fields used, the split rule and the expected counts).
+
+Each converter is one file that defines a `Converter` subclass, which registers itself by
+name. `convert_dataset` runs one: it writes the records as JSONL (media paths relative to
+the input folder, which is the data root), refuses output where one image is in two
+splits, and returns a summary (records per split, modality, question type and answer
+type, the documented counts beside them, problems per file, the output's SHA-256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import pkgutil
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+CONVERTERS: dict[str, type[Converter]] = {}
+
+
+class ConversionError(ValueError):
+    """The input does not match the source's documented layout (names what is wrong)."""
+
+
+@dataclass
+class Problems:
+    """Malformed lines and missing images, counted per file (an error under --strict)."""
+
+    strict: bool = False
+    by_file: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, file: str | Path, what: str) -> None:
+        if self.strict:
+            raise ConversionError(f"{file}: {what}")
+        self.by_file[str(file)].append(what)
+
+    def counts(self) -> dict[str, int]:
+        return {f: len(v) for f, v in self.by_file.items()}
+
+
+class Converter:
+    name: ClassVar[str]
+    dataset: ClassVar[str]  # the `dataset` field of every record
+    # {split: records} from the release's documentation; None where none is documented.
+    expected_counts: ClassVar[dict[str, int] | None] = None
+    # True where the release splits questions, not images (VQA-RAD): images then appear in
+    # several splits by design, and the summary counts them instead of refusing.
+    images_shared_across_splits: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            CONVERTERS[cls.name] = cls
+
+    def records(self, root: Path, problems: Problems) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+    # ---- shared helpers -----------------------------------------------------------------
+    @staticmethod
+    def require(path: Path, what: str) -> Path:
+        if not path.exists():
+            raise ConversionError(f"{path} is missing: expected {what}")
+        return path
+
+    @staticmethod
+    def image_ok(root: Path, relative: str, problems: Problems, source: Path, key: str) -> bool:
+        if not (root / relative).is_file():
+            problems.add(source, f"{key}: image {relative} is missing")
+            return False
+        return True
+
+    @staticmethod
+    def record(sample_id: str, image: str | None, question: str, answer: str, *, kind: str = "images",
+               marker: str = "<image>", **fields: Any) -> dict[str, Any]:  # fmt: skip
+        rec: dict[str, Any] = {"id": sample_id}
+        if image is not None:
+            rec[kind] = [image]
+            question = f"{marker}\n{question}"
+        rec["conversations"] = [
+            {"from": "human", "value": question},
+            {"from": "gpt", "value": answer},
+        ]
+        rec["answer"] = answer
+        rec.update({k: v for k, v in fields.items() if v is not None})
+        return rec
+
+
+def get_converter(name: str) -> Converter:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+    if name not in CONVERTERS:
+        raise ConversionError(f"unknown source {name!r}; known: {sorted(CONVERTERS)}")
+    return CONVERTERS[name]()
+
+
+def _media(rec: dict) -> list[str]:
+    return [p for key in ("images", "volumes", "videos") for p in rec.get(key, [])]
+
+
+def convert_dataset(
+    name: str, input_dir: str | Path, out_file: str | Path, strict: bool = False
+) -> dict:
+    converter = get_converter(name)
+    root = Path(input_dir)
+    if not root.is_dir():
+        raise ConversionError(f"{root} is not a folder (the {name} release, unpacked)")
+    problems = Problems(strict=strict)
+    records = list(converter.records(root, problems))
+    if not records:
+        raise ConversionError(f"{root}: no records converted ({problems.counts()})")
+    ids = Counter(r["id"] for r in records)
+    dup = [i for i, n in ids.items() if n > 1]
+    if dup:
+        raise ConversionError(f"{name}: duplicate record ids {dup[:5]}")
+    # Train and test stay apart: no image may appear in two splits.
+    splits_of: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        for m in _media(r):
+            splits_of[m].add(r["split"])
+    leaked = {m: sorted(s) for m, s in splits_of.items() if len(s) > 1}
+    if leaked and not converter.images_shared_across_splits:
+        examples = list(leaked.items())[:5]
+        raise ConversionError(
+            f"{name}: {len(leaked)} images appear in more than one split, e.g. {examples}; "
+            "refusing output that mixes train and test"
+        )
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    counts = {
+        key: dict(sorted(Counter(str(r.get(key)) for r in records).items()))
+        for key in ("split", "modality", "question_type", "answer_type", "language")
+    }
+    by_split = counts["split"]
+    expected = converter.expected_counts
+    return {
+        "source": name,
+        "dataset": converter.dataset,
+        "records": len(records),
+        "counts": counts,
+        "expected_counts": expected,
+        "matches_documented_counts": (
+            None if expected is None else all(by_split.get(s, 0) == n for s, n in expected.items())
+        ),
+        "images_in_several_splits": len(leaked),
+        "problems": problems.counts(),
+        "output": str(out),
+        "data_root": str(root.resolve()),
+        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+    }
