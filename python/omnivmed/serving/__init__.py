@@ -1,0 +1,1 @@
+"""Serving: an OpenAI-compatible HTTP API with batched generation (`omnivmed-serve`)."""

@@ -1,0 +1,184 @@
+"""The generation engine: requests that arrive together are decoded together.
+
+Handlers prepare a request (media read and pruned once, the prompt tokenised) and submit
+it. One worker thread takes the oldest request, waits up to `max_wait_ms` for others
+with the same sampling group (temperature, top_p, seed), up to `max_batch_size`, and runs
+one `generate` call for them: prompts left-padded, visual inputs concatenated in order.
+A streamer routes every new token to its request (text deltas for streaming, stop
+strings, per-request token limits); a stopping criterion ends each row on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from .requests import Sampling
+
+
+@dataclass
+class Job:
+    input_ids: torch.Tensor  # [L]
+    visual: Any  # VisualBatch or None
+    sampling: Sampling
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue  # ("delta", text) ... then ("done", Result) or ("error", message)
+    created: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class _Rows(BaseStreamer, StoppingCriteria):
+    """Per-row state of one generate call: tokens, text, when each row is done."""
+
+    def __init__(self, jobs: list[Job], tokenizer, eos_ids: set[int]):
+        self.jobs, self.tokenizer, self.eos_ids = jobs, tokenizer, eos_ids
+        self.tokens: list[list[int]] = [[] for _ in jobs]
+        self.sent: list[str] = ["" for _ in jobs]
+        self.done: list[str | None] = [None for _ in jobs]
+        self.prompt_seen = False
+
+    def _emit(self, i: int, kind: str, value: Any) -> None:
+        job = self.jobs[i]
+        job.loop.call_soon_threadsafe(job.events.put_nowait, (kind, value))
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompts
+            self.prompt_seen = True
+            return
+        for i, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[i]:
+                continue
+            if token in self.eos_ids:
+                self.done[i] = "stop"
+                continue
+            self.tokens[i].append(token)
+            text = self.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
+            for stop in self.jobs[i].sampling.stop:
+                at = text.find(stop)
+                if at >= 0:
+                    text, self.done[i] = text[:at], "stop"
+            if not self.done[i] and len(self.tokens[i]) >= self.jobs[i].sampling.max_tokens:
+                self.done[i] = "length"
+            # Text that may still turn into a stop string, or ends inside a multi-byte
+            # character, is held back until the next token decides it.
+            if not self.done[i]:
+                hold = max((len(x) - 1 for x in self.jobs[i].sampling.stop), default=0)
+                text = text[: len(text) - hold] if hold else text
+                if text.endswith("\ufffd"):
+                    continue
+            if len(text) > len(self.sent[i]):
+                self._emit(i, "delta", text[len(self.sent[i]) :])
+                self.sent[i] = text
+
+    def end(self) -> None:
+        pass
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        return torch.tensor([d is not None for d in self.done], device=input_ids.device)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_batch_size: int = 8, max_wait_ms: float = 10.0):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
+        self.inbox: queue.Queue[Job | None] = queue.Queue()
+        self.pending: deque[Job] = deque()
+        self.device = next(model.parameters()).device
+        eos = tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.batches = 0  # generate calls made (the load benchmark reads it)
+        self.thread = threading.Thread(target=self._run, name="omnivmed-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.inbox.put(job)
+
+    def close(self) -> None:
+        self.inbox.put(None)
+        self.thread.join(timeout=10)
+
+    def _take(self, block: bool, timeout: float | None = None) -> bool:
+        try:
+            job = self.inbox.get(block=block, timeout=timeout)
+        except queue.Empty:
+            return True
+        if job is None:
+            return False
+        self.pending.append(job)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            if not self.pending and not self._take(block=True):
+                return
+            first = self.pending[0]
+            deadline = time.monotonic() + self.max_wait
+            while (
+                len([j for j in self.pending if j.sampling.group() == first.sampling.group()])
+                < self.max_batch_size
+            ):
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._take(block=True, timeout=left):
+                    break
+            batch = [j for j in self.pending if j.sampling.group() == first.sampling.group()][
+                : self.max_batch_size
+            ]
+            for j in batch:
+                self.pending.remove(j)
+            try:
+                self._generate(batch)
+            except Exception as exc:  # a failed batch answers its requests, the server goes on
+                for j in batch:
+                    j.loop.call_soon_threadsafe(
+                        j.events.put_nowait, ("error", f"generation failed: {exc}")
+                    )
+
+    @torch.no_grad()
+    def _generate(self, batch: list[Job]) -> None:
+        from ..data.collator import concat_visual
+
+        self.batches += 1
+        tok = self.tokenizer
+        longest = max(j.input_ids.numel() for j in batch)
+        ids = torch.full((len(batch), longest), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, j in enumerate(batch):
+            ids[i, longest - j.input_ids.numel() :] = j.input_ids
+            mask[i, longest - j.input_ids.numel() :] = 1
+        visuals = [j.visual for j in batch if j.visual is not None]
+        visual_inputs = {
+            k: v.to(self.device) for k, v in (concat_visual(visuals) if visuals else {}).items()
+        }
+        s = batch[0].sampling
+        rows = _Rows(batch, tok, self.eos_ids)
+        sample = s.temperature > 0
+        if s.seed is not None:
+            torch.manual_seed(s.seed)
+        self.model.generate(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **visual_inputs,
+            max_new_tokens=max(j.sampling.max_tokens for j in batch), do_sample=sample,
+            temperature=s.temperature if sample else None, top_p=s.top_p if sample else None,
+            top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=list(self.eos_ids),
+            streamer=rows, stopping_criteria=StoppingCriteriaList([rows]),
+        )  # fmt: skip
+        for i, j in enumerate(batch):
+            result = Result(
+                rows.sent[i], rows.done[i] or "length", j.input_ids.numel(), len(rows.tokens[i])
+            )
+            j.loop.call_soon_threadsafe(j.events.put_nowait, ("done", result))

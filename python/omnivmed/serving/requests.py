@@ -1,0 +1,226 @@
+"""From an OpenAI chat request to our model inputs: content parts -> media files (data URLs
+written to a private temporary folder, paths only inside the media root), messages ->
+a chat with one marker per medium, sampling settings checked. Every refusal is a
+`RequestError` with the HTTP status to answer."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..models.kinds import VisualKind
+
+_MARKER = {VisualKind.IMAGE: "<image>", VisualKind.VIDEO: "<video>", VisualKind.VOLUME: "<image3d>"}
+# OpenAI's image part, vLLM's video part, and our volume part (a NIfTI file or a DICOM
+# series: a folder under the media root, or uploaded as .nii.gz / a zip of .dcm files).
+PART_KINDS = {
+    "image_url": VisualKind.IMAGE,
+    "video_url": VisualKind.VIDEO,
+    "volume_url": VisualKind.VOLUME,
+}
+_DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w=.+-]+)*;base64,(.*)$", re.DOTALL)
+_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/webp": ".webp",
+           "image/bmp": ".bmp", "image/tiff": ".tif", "video/mp4": ".mp4", "video/webm": ".webm",
+           "video/x-msvideo": ".avi", "video/quicktime": ".mov", "application/gzip": ".nii.gz",
+           "application/x-gzip": ".nii.gz", "application/zip": ".zip"}  # fmt: skip
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, code: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int | None
+
+    def group(self) -> tuple:
+        """Requests that can share one generate call."""
+        return (self.temperature if self.temperature > 0 else 0.0, self.top_p, self.seed)
+
+
+@dataclass
+class ParsedRequest:
+    messages: list[dict[str, str]]
+    media: list[tuple[VisualKind, Path]]
+    sampling: Sampling
+    stream: bool
+    model: str
+    workdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(400, f"'{key}' must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise RequestError(400, f"'{key}' must be in [{low}, {high}], got {value}")
+    return float(value)
+
+
+def parse_sampling(body: dict, max_tokens_limit: int) -> Sampling:
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = min(256, max_tokens_limit)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise RequestError(400, f"'max_tokens' must be a positive integer, got {max_tokens!r}")
+    if max_tokens > max_tokens_limit:
+        raise RequestError(
+            400, f"'max_tokens' is {max_tokens}; this server allows at most {max_tokens_limit}"
+        )
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if (
+        not isinstance(stop, list)
+        or not all(isinstance(s, str) and s for s in stop)
+        or len(stop) > 4
+    ):
+        raise RequestError(400, "'stop' must be a string or a list of at most 4 non-empty strings")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError(400, f"'seed' must be an integer, got {seed!r}")
+    if body.get("n", 1) != 1:
+        raise RequestError(400, "'n' must be 1")
+    return Sampling(max_tokens, _number(body, "temperature", 1.0, 0.0, 2.0),
+                    _number(body, "top_p", 1.0, 1e-6, 1.0), stop, seed)  # fmt: skip
+
+
+class MediaResolver:
+    """Turns a part's URL into a local path: a data URL (written to this request's
+    temporary folder, at most `max_bytes` decoded) or a path inside `media_root`."""
+
+    def __init__(self, media_root: Path | None, max_bytes: int, workdir: Path):
+        self.media_root = media_root.resolve() if media_root else None
+        self.max_bytes = max_bytes
+        self.workdir = workdir
+        self.count = 0
+
+    def __call__(self, kind: VisualKind, url: Any) -> Path:
+        if not isinstance(url, str) or not url:
+            raise RequestError(400, f"a {kind.name.lower()} part needs a 'url' string")
+        if url.startswith("data:"):
+            return self._data_url(kind, url)
+        if re.match(r"^[a-z][a-z0-9+.-]*://", url) and not url.startswith("file://"):
+            raise RequestError(400, f"remote URLs are not fetched ({url.split('://')[0]}://...): send a data URL or a path under the media root")  # fmt: skip
+        if self.media_root is None:
+            raise RequestError(400, "this server has no media root: send media as data URLs")
+        relative = url.removeprefix("file://")
+        path = (self.media_root / relative).resolve()
+        if not path.is_relative_to(self.media_root):
+            raise RequestError(403, f"{url!r} is outside the media root")
+        if not path.exists():
+            raise RequestError(404, f"{url!r} does not exist under the media root")
+        return path
+
+    def _data_url(self, kind: VisualKind, url: str) -> Path:
+        match = _DATA_URL.match(url[:200]) and _DATA_URL.match(url)
+        if not match:
+            raise RequestError(400, "a data URL must be data:<type>;base64,<data>")
+        mime = (match.group(1) or "").lower()
+        encoded = match.group(3)
+        if len(encoded) * 3 // 4 > self.max_bytes:
+            raise RequestError(413, f"a media part is over the {self.max_bytes}-byte limit")
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(400, "a data URL's base64 payload is malformed") from None
+        suffix = _SUFFIX.get(mime)
+        allowed = {VisualKind.IMAGE: "image/", VisualKind.VIDEO: "video/",
+                   VisualKind.VOLUME: "application/"}[kind]  # fmt: skip
+        if suffix is None or not mime.startswith(allowed):
+            raise RequestError(
+                415, f"unsupported media type {mime!r} for a {kind.name.lower()} part"
+            )
+        self.count += 1
+        if suffix == ".zip":
+            return self._dicom_zip(data)
+        path = self.workdir / f"part{self.count}{suffix}"
+        path.write_bytes(data)
+        return path
+
+    def _dicom_zip(self, data: bytes) -> Path:
+        folder = self.workdir / f"dicom{self.count}"
+        folder.mkdir()
+        try:
+            archive = zipfile.ZipFile(io.BytesIO(data))
+        except zipfile.BadZipFile:
+            raise RequestError(400, "the volume's zip archive is corrupt") from None
+        total = 0
+        for n, info in enumerate(archive.infolist()):
+            if info.is_dir():
+                continue
+            total += info.file_size
+            if total > self.max_bytes:
+                raise RequestError(413, f"the DICOM archive unpacks to over {self.max_bytes} bytes")
+            # Names from the archive never become paths: files are numbered.
+            (folder / f"{n:05d}.dcm").write_bytes(archive.read(info))
+        if total == 0:
+            raise RequestError(400, "the volume's zip archive holds no files")
+        return folder
+
+
+def parse_messages(
+    raw: Any, resolve: MediaResolver
+) -> tuple[list[dict[str, str]], list[tuple[VisualKind, Path]]]:
+    if not isinstance(raw, list) or not raw:
+        raise RequestError(400, "'messages' must be a non-empty list")
+    messages, media = [], []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise RequestError(400, f"messages[{i}] needs a role of system, user or assistant")
+        content = m.get("content")
+        if isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            pieces = []
+            for j, part in enumerate(content):
+                kind_name = part.get("type") if isinstance(part, dict) else None
+                if kind_name == "text" and isinstance(part.get("text"), str):
+                    _no_markers(part["text"], i)
+                    pieces.append(part["text"])
+                elif kind_name in PART_KINDS:
+                    if m["role"] != "user":
+                        raise RequestError(
+                            400, f"messages[{i}]: media parts are allowed in user messages only"
+                        )
+                    kind = PART_KINDS[kind_name]
+                    spec = part.get(kind_name)
+                    url = spec.get("url") if isinstance(spec, dict) else spec
+                    media.append((kind, resolve(kind, url)))
+                    pieces.append(_MARKER[kind])
+                else:
+                    raise RequestError(
+                        400, f"messages[{i}].content[{j}]: unknown content part type {kind_name!r}"
+                    )
+            text = "\n".join(pieces)
+        else:
+            raise RequestError(400, f"messages[{i}].content must be a string or a list of parts")
+        if isinstance(content, str):
+            _no_markers(content, i)
+        messages.append({"role": m["role"], "content": text})
+    if messages[-1]["role"] != "user":
+        raise RequestError(400, "the last message must be the user's")
+    return messages, media
+
+
+def _no_markers(text: str, index: int) -> None:
+    if re.search(r"<image3d>|<image>|<video>", text):
+        raise RequestError(
+            400, f"messages[{index}]: marker text such as <image> is reserved; send media as parts"
+        )

@@ -1,0 +1,198 @@
+"""omnivmed-serve with the `openai` client as the real client, against a server on
+127.0.0.1 started by the test (tiny model): non-streaming and streaming answers, usage
+with visual tokens, concurrent clients batched together, and every bad request a 4xx
+while the server keeps serving."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from omnivmed.models import build_preset  # noqa: E402
+from omnivmed.processing.processor import ProcessorOptions  # noqa: E402
+from omnivmed.serving.app import ServeSettings, create_app  # noqa: E402
+
+KEY = "test-key"
+
+
+def png_bytes(seed=0, size=40) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    (root / "scan.png").write_bytes(png_bytes(1))
+    volume = (
+        np.repeat(np.random.default_rng(0).random((32, 32, 4)).astype(np.float32), 2, axis=2) * 1000
+    )
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), root / "mri.nii.gz")
+    (root.parent / "secret.png").write_bytes(png_bytes(2))
+    torch.manual_seed(0)
+    model, tokenizer = build_preset("tiny")
+    with torch.no_grad():  # large random LLM weights: answers that depend on the input
+        for p in model.language_model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    model.eval()
+    options = ProcessorOptions(max_pixels=48 * 48, min_pixels=32 * 32, max_slices=8)
+    settings = ServeSettings(media_root=root, api_key=KEY, max_request_bytes=2 * 2**20,
+                             max_media_bytes=2**20, max_tokens=64, max_concurrent=16,
+                             max_batch_size=4, max_wait_ms=50)  # fmt: skip
+    app = create_app(model, tokenizer, options, settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.02)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", app, root
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def image_message(text: str, url: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]  # fmt: skip
+
+
+def test_models_and_health(server):
+    base, _, _ = server
+    assert [m.id for m in client(base).models.list().data] == ["omnivmed"]
+    assert httpx.get(f"{base}/health").json()["status"] == "ok"
+
+
+def test_chat_with_an_image_a_volume_and_a_stream(server):
+    base, _, _ = server
+    c = client(base)
+    r = c.chat.completions.create(model="omnivmed", max_tokens=6, temperature=0,
+                                  messages=image_message("What is shown?", data_url("image/png", png_bytes())))  # fmt: skip
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.completion_tokens <= 6 and r.usage.prompt_tokens > 0
+    extra = r.usage.model_extra
+    assert extra["visual_tokens"] > 0 and extra["visual_tokens_unpruned"] >= extra["visual_tokens"]
+    vol = c.chat.completions.create(model="omnivmed", max_tokens=4, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "volume_url", "volume_url": {"url": "mri.nii.gz"}},
+                                     {"type": "text", "text": "Any lesion?"}]}])  # fmt: skip
+    v = vol.usage.model_extra
+    assert v["visual_tokens"] < v["visual_tokens_unpruned"]  # repeated slices were pruned
+    # streaming gives the same text as the non-streamed greedy answer
+    pieces = []
+    for chunk in c.chat.completions.create(model="omnivmed", max_tokens=6, temperature=0, stream=True,
+                                           messages=image_message("What is shown?", data_url("image/png", png_bytes()))):  # fmt: skip
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    assert "".join(pieces) == r.choices[0].message.content
+
+
+def test_stop_strings_and_seeded_sampling(server):
+    base, _, _ = server
+    c = client(base)
+    msgs = image_message("Describe it.", "scan.png")
+    full = c.chat.completions.create(model="omnivmed", max_tokens=12, temperature=0, messages=msgs)
+    text = full.choices[0].message.content
+    if len(text) > 3:
+        stop = text[2:4]
+        cut = c.chat.completions.create(
+            model="omnivmed", max_tokens=12, temperature=0, messages=msgs, stop=[stop]
+        )
+        assert cut.choices[0].message.content == text[: text.find(stop)]
+        assert cut.choices[0].finish_reason == "stop"
+    a, b = (c.chat.completions.create(model="omnivmed", max_tokens=8, temperature=1.0, top_p=0.9, seed=7,
+                                      messages=msgs).choices[0].message.content for _ in range(2))  # fmt: skip
+    assert a == b
+
+
+def test_concurrent_clients_are_batched_and_answered_alone_alike(server):
+    base, app, _ = server
+    c = client(base)
+    prompts = [
+        image_message(f"Question {i}?", data_url("image/png", png_bytes(i, 32 + 8 * i)))
+        for i in range(4)
+    ]
+    alone = [c.chat.completions.create(model="omnivmed", max_tokens=5, temperature=0, messages=m)
+             .choices[0].message.content for m in prompts]  # fmt: skip
+    before = app.state.engine.batches
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda m: client(base).chat.completions.create(
+            model="omnivmed", max_tokens=5, temperature=0, messages=m).choices[0].message.content, prompts))  # fmt: skip
+    assert together == alone
+    assert app.state.engine.batches - before < 4  # some requests shared a generate call
+
+
+def post(base, body, key=KEY, raw=None):
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    return httpx.post(f"{base}/v1/chat/completions", headers=headers,
+                      content=raw if raw is not None else json.dumps(body), timeout=60)  # fmt: skip
+
+
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server):
+    base, _, root = server
+    ok_msgs = image_message("Q?", "scan.png")
+    cases = [
+        (401, dict(body={"messages": ok_msgs}, key="wrong"), "API key"),
+        (400, dict(body=None, raw=b"{not json"), "not valid JSON"),
+        (400, dict(body=[1, 2]), "JSON object"),
+        (400, dict(body={"messages": []}), "non-empty list"),
+        (400, dict(body={"messages": [{"role": "robot", "content": "x"}]}), "role"),
+        (400, dict(body={"messages": ok_msgs, "max_tokens": 0}), "max_tokens"),
+        (400, dict(body={"messages": ok_msgs, "max_tokens": 10**6}), "at most 64"),
+        (400, dict(body={"messages": ok_msgs, "temperature": float("nan")}), "temperature"),
+        (400, dict(body={"messages": ok_msgs, "top_p": 2}), "top_p"),
+        (400, dict(body={"messages": image_message("Q", "http://example.com/x.png")}), "remote URLs"),
+        (403, dict(body={"messages": image_message("Q", "../secret.png")}), "outside the media root"),
+        (404, dict(body={"messages": image_message("Q", "nothere.png")}), "does not exist"),
+        (415, dict(body={"messages": image_message("Q", data_url("text/html", b"<b>"))}), "unsupported media type"),
+        (400, dict(body={"messages": image_message("Q", "data:image/png;base64,@@@")}), "data URL"),
+        (400, dict(body={"messages": image_message("Q", data_url("image/png", b"not a png"))}), "image"),
+        (413, dict(body={"messages": image_message("Q", data_url("image/png", b"x" * (2**20 + 10)))}), "limit"),
+        (400, dict(body={"messages": [{"role": "user", "content": [{"type": "audio", "audio": {}}]}]}), "unknown content part"),
+        (400, dict(body={"messages": [{"role": "user", "content": "<image> hi"}]}), "reserved"),
+        (400, dict(body={"messages": [{"role": "user", "content": [{"type": "volume_url", "volume_url": {"url": data_url("application/zip", b"PK-broken")}}]}]}), "zip"),
+        (400, dict(body={"messages": [{"role": "user", "content": [{"type": "volume_url", "volume_url": {"url": data_url("application/zip", zip_bytes({"../../evil.dcm": b"junk"}))}}]}]}), ""),
+    ]  # fmt: skip
+    for status, kwargs, words in cases:
+        r = post(base, kwargs.pop("body"), **kwargs)
+        assert r.status_code == status, (status, words, r.text)
+        assert words in r.json()["error"]["message"], (words, r.text)
+    assert not (root.parent / "evil.dcm").exists()
+    big = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                     content=b"x" * (2 * 2**20 + 1), timeout=60)  # fmt: skip
+    assert big.status_code == 413
+    r = post(base, {"messages": ok_msgs, "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
