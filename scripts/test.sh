@@ -33,6 +33,8 @@ echo "== CMake build and ctest took $(( $(date +%s) - start )) s"
 
 echo "== WordNet for METEOR (omnivmed-eval)"
 if wordnet=$(bash scripts/fetch_wordnet.sh); then export OMNIVMED_WORDNET=$wordnet; fi
+echo "== headless Chromium for the viewer's browser test"
+if chromium=$(bash scripts/fetch_chromium.sh); then export OMNIVMED_CHROMIUM=$chromium; fi
 
 echo "== pytest"
 # From tests/, so the installed package (not the source folder) is what gets imported.

@@ -12,6 +12,7 @@ import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import nibabel as nib
@@ -196,3 +197,124 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server):
     assert big.status_code == 413
     r = post(base, {"messages": ok_msgs, "max_tokens": 3})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_preview_shows_what_pruning_keeps(server):
+    base, _, _ = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(f"{base}/v1/omnivmed/preview", headers=headers,
+                   json={"type": "volume_url", "url": "mri.nii.gz"}, timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
+    p = r.json()
+    assert p["kind"] == "volume" and len(p["frames"]) == 8
+    assert p["kept"] < p["total"] and p["kept_patches"] < p["total_patches"]
+    assert sum(f["kept"] for f in p["frames"]) == p["kept_patches"]
+    assert p["frames"][0]["png"].startswith("data:image/png;base64,")
+    # Repeated slices: the second of each pair keeps (almost) nothing.
+    assert p["frames"][1]["kept"] < p["frames"][0]["kept"]
+    bad = httpx.post(f"{base}/v1/omnivmed/preview", headers=headers, json={"type": "x"}, timeout=60)
+    assert bad.status_code == 400
+    outside = httpx.post(f"{base}/v1/omnivmed/preview", headers=headers,
+                         json={"type": "image_url", "url": "../secret.png"}, timeout=60)  # fmt: skip
+    assert outside.status_code == 403
+    page = httpx.get(f"{base}/", timeout=60)
+    assert page.status_code == 200 and "/v1/omnivmed/preview" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN
+
+
+def _chromium() -> str | None:
+    import os
+    import shutil
+
+    path = os.environ.get("OMNIVMED_CHROMIUM") or shutil.which("chromium-headless-shell")
+    local = Path(__file__).resolve().parent.parent / ".cache" / "chromium" / "chromium"
+    return path or (str(local) if local.is_file() else None)
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol (a websocket), as a user's
+    browser: it loads the page, runs its JavaScript, fetches and streams for real."""
+
+    def __init__(self, chromium: str, width: int = 900, height: int = 1100):
+        import subprocess
+        import urllib.request
+
+        from websockets.sync.client import connect
+
+        self.proc = subprocess.Popen([chromium, "--remote-debugging-port=0", f"--window-size={width},{height}",
+                                      "--hide-scrollbars", "about:blank"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        port = None
+        for line in self.proc.stderr:
+            if "DevTools listening on ws://" in line:
+                port = int(line.split("ws://127.0.0.1:")[1].split("/")[0])
+                break
+        assert port, "Chromium did not open its DevTools port"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30) as r:
+            page = next(t for t in json.load(r) if t["type"] == "page")
+        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        self.next_id = 0
+
+    def call(self, method: str, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv(timeout=120))
+            if message.get("id") == self.next_id:
+                assert "error" not in message, message
+                return message["result"]
+
+    def eval(self, expression: str):
+        result = self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = self.eval(expression)
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {expression}")
+
+    def close(self) -> None:
+        self.ws.close()
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+def test_viewer_in_a_real_headless_browser(server):
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no headless Chromium (bash scripts/fetch_chromium.sh provides one)")
+    pytest.importorskip("websockets")
+    base, _, _ = server
+    browser = Browser(chromium)
+    try:
+        # Open a volume from the media root, scroll to its fourth slice (a repeat of the third,
+        # so pruning removed most of it), ask a question.
+        url = f"{base}/?media=mri.nii.gz&type=volume_url&key={KEY}&frame=3&ask=Is%20there%20a%20lesion%3F"
+        browser.call("Page.navigate", url=url)
+        state = browser.wait_for(
+            "['answered', 'error'].includes(document.body.dataset.state) && document.body.dataset.state"
+        )
+        assert state == "answered", browser.eval("document.getElementById('error').textContent")
+        kept = int(browser.eval("document.getElementById('counts').dataset.kept"))
+        total = int(browser.eval("document.getElementById('counts').dataset.total"))
+        assert 0 < kept < total  # the overlay's counts: pruning removed the repeated slices
+        info = browser.eval("document.getElementById('frameinfo').textContent")
+        assert info.startswith("frame 4 of 8") and not info.endswith("16 of 16 patches kept"), info
+        assert browser.eval("document.getElementById('frame').naturalWidth") > 0  # the slice drew
+        assert (
+            int(browser.eval("document.getElementById('answer').dataset.chunks")) >= 1
+        )  # streamed
+        assert browser.eval("document.getElementById('answer').textContent").strip()
+        shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+        artifacts = Path(__file__).resolve().parent.parent / "build" / "test-artifacts"
+        artifacts.mkdir(parents=True, exist_ok=True)
+        (artifacts / "viewer.png").write_bytes(shot)
+        assert Image.open(io.BytesIO(shot)).size[0] > 0
+    finally:
+        browser.close()

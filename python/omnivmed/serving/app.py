@@ -123,6 +123,58 @@ def create_app(model, tokenizer, options, settings: ServeSettings):
         return ParsedRequest(messages, media, sampling, bool(body.get("stream", False)),
                              str(body.get("model") or settings.model_name), workdir)  # fmt: skip
 
+    @app.get("/")
+    async def viewer():
+        from fastapi.responses import HTMLResponse
+
+        return HTMLResponse(
+            (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
+        )
+
+    @app.post("/v1/omnivmed/preview")
+    async def preview_media(request: Request):
+        """One medium as the model sees it: frames with pruned patches shaded, counts."""
+        from .preview import preview
+        from .requests import PART_KINDS
+
+        workdir = tempfile.TemporaryDirectory(prefix="omnivmed-preview-")
+        try:
+            if (
+                settings.api_key
+                and request.headers.get("authorization") != f"Bearer {settings.api_key}"
+            ):
+                raise RequestError(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer KEY)",
+                    "authentication_error",
+                )
+            body_bytes = await request.body()
+            if len(body_bytes) > settings.max_request_bytes:
+                raise RequestError(
+                    413, f"the request is over the {settings.max_request_bytes}-byte limit"
+                )
+            try:
+                body = json.loads(body_bytes)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise RequestError(400, f"the body is not valid JSON ({exc})") from None
+            if not isinstance(body, dict) or body.get("type") not in PART_KINDS:
+                raise RequestError(
+                    400, f"expected {{'type': one of {sorted(PART_KINDS)}, 'url': ...}}"
+                )
+            kind = PART_KINDS[body["type"]]
+            resolver = MediaResolver(
+                settings.media_root, settings.max_media_bytes, Path(workdir.name)
+            )
+            path = await run_in_threadpool(resolver, kind, body.get("url"))
+            try:
+                return await run_in_threadpool(preview, processor, Media(kind, path))
+            except MediaError as exc:
+                raise RequestError(400, str(exc)) from None
+        except RequestError as exc:
+            return _error(exc.status, exc.message, exc.code)
+        finally:
+            workdir.cleanup()
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "in_flight": in_flight["n"], "batches": engine.batches}
