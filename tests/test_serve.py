@@ -318,3 +318,44 @@ def test_viewer_in_a_real_headless_browser(server):
         assert Image.open(io.BytesIO(shot)).size[0] > 0
     finally:
         browser.close()
+
+
+def test_uploaded_dicom_zip_and_video(server, tmp_path):
+    import av
+
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    base, _, _ = server
+    rng = np.random.default_rng(3)
+    files = {}
+    for i in range(4):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.ImagePositionPatient = [0.0, 0.0, 2.5 * i]
+        pixels = rng.integers(0, 1000, ds.pixel_array.shape, dtype=np.int16)
+        ds.PixelData = pixels.astype(ds.pixel_array.dtype).tobytes()
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        files[f"series/slice{i}.dcm"] = buf.getvalue()
+    video = tmp_path / "clip.mp4"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for _ in range(12):
+            frame = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    c = client(base)
+    for part in (
+        {
+            "type": "volume_url",
+            "volume_url": {"url": data_url("application/zip", zip_bytes(files))},
+        },
+        {"type": "video_url", "video_url": {"url": data_url("video/mp4", video.read_bytes())}},
+    ):
+        r = c.chat.completions.create(model="omnivmed", max_tokens=3, temperature=0,
+                                      messages=[{"role": "user", "content": [part, {"type": "text", "text": "Q?"}]}])  # fmt: skip
+        assert r.usage.model_extra["visual_tokens"] > 0, part["type"]
