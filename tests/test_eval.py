@@ -44,7 +44,9 @@ def open_(pred, answer, profile=STRICT):
         ("Normal", "no", 0), ("Nodule", "no", 0), ("no nodule is seen", "no", 1),
         ("There is no nodule.", "no", 0),  # no decision word opens a clause
         ("Yes, there is no nodule", "yes", 1), ("yes and no", "yes", 0), ("yes and no", "no", 0),
-        ("", "yes", 0), ("   ", "no", 0),
+        ("", "yes", 0), ("   ", "no", 0), ("Yes. No other findings.", "yes", 1),
+        ("Yes, no mass is seen.", "yes", 1), ("The answer is no.", "no", 1), ("Yes/No", "yes", 0),
+        ("no or yes", "no", 0),
     ],
 )  # fmt: skip
 def test_strict_yes_no(pred, answer, hit):
@@ -62,6 +64,7 @@ CHOICES = ["left lung", "right lung", "heart", "liver"]
         ("\\boxed{B}", "B"), ("right lung", "B"), ("The right lung.", "B"),
         ("A nodule in the right lung", "B"),  # the article "A" is no option letter
         ("B or C", None), ("A and B", None), ("lung", None), ("", None), ("E", None),
+        ("The answer is a right lung.", "B"),  # "a" is an article, not option A
     ],
 )  # fmt: skip
 def test_strict_multiple_choice(pred, picked):
@@ -461,3 +464,25 @@ def test_metric_selection_and_a_baseline_beside_the_run(tmp_path, capsys):
         score_files(refs, run, "strict", tmp_path / "o", metrics=["bleu9"])
     assert main(["profiles"]) == 0
     assert "closed_accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_resume_with_another_world_size_answers_nothing_twice(tmp_path, bench):
+    model_dir, benchmark = bench
+    out = tmp_path / "w"
+    # A 2-process run stopped after its first shard file: rank 0 answered s0, s2, s4.
+    part = out / "predictions.rank0.jsonl"
+    subprocess.run(
+        _eval_command(model_dir, benchmark, tmp_path / "one"), check=True, capture_output=True
+    )
+    full = read_predictions(tmp_path / "one" / "predictions.jsonl")
+    out.mkdir()
+    part.write_text("".join(json.dumps(r) + "\n" for r in full if r["id"] in ("s0", "s2", "s4")))
+    (out / "run.json").write_text((tmp_path / "one" / "run.json").read_text())
+    # Resumed as one process: only the other three are answered, the merge has all six.
+    subprocess.run(_eval_command(model_dir, benchmark, out), check=True, capture_output=True)
+    single = read_predictions(out / "predictions.partial.jsonl")
+    assert sorted(r["id"] for r in single) == ["s1", "s3", "s5"]
+    assert [r["id"] for r in read_predictions(out / "predictions.jsonl")] == [
+        f"s{i}" for i in range(6)
+    ]

@@ -359,3 +359,45 @@ def test_uploaded_dicom_zip_and_video(server, tmp_path):
         r = c.chat.completions.create(model="omnivmed", max_tokens=3, temperature=0,
                                       messages=[{"role": "user", "content": [part, {"type": "text", "text": "Q?"}]}])  # fmt: skip
         assert r.usage.model_extra["visual_tokens"] > 0, part["type"]
+
+
+def test_zip_bombs_links_out_of_the_root_and_clients_that_leave(server, tmp_path):
+    base, _, root = server
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_BZIP2) as z:
+        z.writestr("a.dcm", b"\0" * 10_000_000)  # compresses to a few bytes
+    part = {
+        "type": "volume_url",
+        "volume_url": {"url": data_url("application/zip", buf.getvalue())},
+    }
+    r = post(base, {"messages": [{"role": "user", "content": [part]}]})
+    assert r.status_code == 415 and "stored or deflated" in r.json()["error"]["message"]
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(deflated, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("a.dcm", b"\0" * (2**20 + 1))  # unpacks past the 1 MiB media limit
+    part = {
+        "type": "volume_url",
+        "volume_url": {"url": data_url("application/zip", deflated.getvalue())},
+    }
+    r = post(base, {"messages": [{"role": "user", "content": [part]}]})
+    assert r.status_code == 413 and "unpacks to over" in r.json()["error"]["message"]
+    # A folder under the media root holding a link to a file outside it.
+    folder = root / "linked"
+    folder.mkdir(exist_ok=True)
+    link = folder / "0.dcm"
+    if not link.exists():
+        link.symlink_to(root.parent / "secret.png")
+    part = {"type": "volume_url", "volume_url": {"url": "linked"}}
+    r = post(base, {"messages": [{"role": "user", "content": [part]}]})
+    assert r.status_code == 403 and "points outside the media root" in r.json()["error"]["message"]
+    # A streaming client that leaves at once: its slot comes back and the server serves on.
+    with httpx.stream("POST", f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"messages": image_message("Q?", "scan.png"), "stream": True, "max_tokens": 64},
+                      timeout=60) as s:  # fmt: skip
+        next(s.iter_lines())
+    deadline = time.time() + 60
+    while time.time() < deadline and httpx.get(f"{base}/health").json()["in_flight"] != 0:
+        time.sleep(0.1)
+    assert httpx.get(f"{base}/health").json()["in_flight"] == 0
+    r = post(base, {"messages": image_message("Q?", "scan.png"), "max_tokens": 2})
+    assert r.status_code == 200

@@ -34,13 +34,20 @@ def _question(record: Record) -> str:
     raise ScoringError(f"sample {record.id!r}: no human turn holds the question")
 
 
-def _done_ids(path: Path) -> set[str]:
-    """Ids already answered in `path`; a last line cut short by a crash is dropped."""
+def _part_files(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob("predictions.rank*.jsonl")) + sorted(
+        out_dir.glob("predictions.partial.jsonl")
+    )
+
+
+def _done_ids(path: Path, repair: bool = True) -> set[str]:
+    """Ids already answered in `path`; a last line cut short by a crash is dropped (and,
+    with `repair`, cut from the file this process appends to)."""
     if not path.is_file():
         return set()
     data = path.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
+    if repair and len(complete) != len(data):
         path.write_bytes(complete)
     ids = set()
     for line in complete.decode("utf-8").splitlines():
@@ -157,10 +164,13 @@ def run_benchmark(model_dir: str | Path, benchmark: str | Path, out_dir: str | P
                     f"{out_dir} holds a run with other settings ({changed}); use another --out"
                 )
         run_file.write_text(json.dumps(settings, indent=2) + "\n")
-    shard = records[rank::world]
+    # Ids answered by any earlier run of this folder count as done, whatever its world size.
     part = out_dir / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.partial.jsonl")
     done = _done_ids(part)
-    todo = [r for r in shard if r.id not in done]
+    for other in _part_files(out_dir):
+        if other != part:
+            done |= _done_ids(other, repair=False)
+    todo = [r for r in records if r.id not in done][rank::world]
     bar = tqdm(total=len(todo), desc=f"eval rank {rank}", disable=not progress or rank != 0)
     with part.open("a", encoding="utf-8") as f:
         for b in range(0, len(todo), batch_size):
@@ -177,15 +187,13 @@ def run_benchmark(model_dir: str | Path, benchmark: str | Path, out_dir: str | P
         torch.distributed.barrier()
     final = out_dir / "predictions.jsonl"
     if rank == 0:
-        parts = (
-            [out_dir / f"predictions.rank{r}.jsonl" for r in range(world)] if world > 1 else [part]
-        )
         rows = {}
-        for p in parts:
-            for line in p.read_text(encoding="utf-8").splitlines():
+        for p in _part_files(out_dir):  # every shard of every run of this folder
+            text = p.read_text(encoding="utf-8")
+            for line in text[: text.rfind("\n") + 1].splitlines():
                 if line.strip():
                     row = json.loads(line)
-                    rows[str(row["id"])] = row
+                    rows.setdefault(str(row["id"]), row)
         tmp = final.with_suffix(".tmp")
         with tmp.open("w", encoding="utf-8") as f:
             for r in records:

@@ -82,7 +82,8 @@ def create_app(model, tokenizer, options, settings: ServeSettings):
                                     f"this server allows {settings.max_prompt_tokens}")  # fmt: skip
         return ids, visual
 
-    async def read_request(request: Request) -> ParsedRequest:
+    async def read_json(request: Request) -> dict:
+        """The API key checked, the body read within its byte limit, parsed as an object."""
         if (
             settings.api_key
             and request.headers.get("authorization") != f"Bearer {settings.api_key}"
@@ -95,7 +96,7 @@ def create_app(model, tokenizer, options, settings: ServeSettings):
             raise RequestError(
                 413, f"the request is over the {settings.max_request_bytes}-byte limit"
             )
-        body_bytes = b""
+        body_bytes = bytearray()
         async for chunk in request.stream():
             body_bytes += chunk
             if len(body_bytes) > settings.max_request_bytes:
@@ -108,6 +109,10 @@ def create_app(model, tokenizer, options, settings: ServeSettings):
             raise RequestError(400, f"the body is not valid JSON ({exc})") from None
         if not isinstance(body, dict):
             raise RequestError(400, "the body must be a JSON object")
+        return body
+
+    async def read_request(request: Request) -> ParsedRequest:
+        body = await read_json(request)
         sampling = parse_sampling(body, settings.max_tokens)
         workdir = tempfile.TemporaryDirectory(prefix="omnivmed-serve-")
         try:
@@ -137,27 +142,17 @@ def create_app(model, tokenizer, options, settings: ServeSettings):
         from .preview import preview
         from .requests import PART_KINDS
 
+        if in_flight["n"] >= settings.max_concurrent:
+            return _error(
+                429,
+                f"{settings.max_concurrent} requests are in flight; retry later",
+                "rate_limit_error",
+            )
+        in_flight["n"] += 1
         workdir = tempfile.TemporaryDirectory(prefix="omnivmed-preview-")
         try:
-            if (
-                settings.api_key
-                and request.headers.get("authorization") != f"Bearer {settings.api_key}"
-            ):
-                raise RequestError(
-                    401,
-                    "missing or wrong API key (Authorization: Bearer KEY)",
-                    "authentication_error",
-                )
-            body_bytes = await request.body()
-            if len(body_bytes) > settings.max_request_bytes:
-                raise RequestError(
-                    413, f"the request is over the {settings.max_request_bytes}-byte limit"
-                )
-            try:
-                body = json.loads(body_bytes)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise RequestError(400, f"the body is not valid JSON ({exc})") from None
-            if not isinstance(body, dict) or body.get("type") not in PART_KINDS:
+            body = await read_json(request)
+            if body.get("type") not in PART_KINDS:
                 raise RequestError(
                     400, f"expected {{'type': one of {sorted(PART_KINDS)}, 'url': ...}}"
                 )
@@ -172,7 +167,10 @@ def create_app(model, tokenizer, options, settings: ServeSettings):
                 raise RequestError(400, str(exc)) from None
         except RequestError as exc:
             return _error(exc.status, exc.message, exc.code)
+        except Exception as exc:  # whatever a request can trigger is its own fault
+            return _error(400, f"the request could not be processed: {exc}")
         finally:
+            in_flight["n"] -= 1
             workdir.cleanup()
 
     @app.get("/health")
@@ -192,25 +190,32 @@ def create_app(model, tokenizer, options, settings: ServeSettings):
                 f"{settings.max_concurrent} requests are in flight; retry later",
                 "rate_limit_error",
             )
+        # The slot is freed when the engine is through with the job (or at once when the
+        # request never reaches it), so queued work counts against the limit too.
         in_flight["n"] += 1
-        parsed = None
+        parsed, prepared = None, False
         try:
             parsed = await read_request(request)
             ids, visual = await run_in_threadpool(prepare, parsed)
+            prepared = True
         except RequestError as exc:
-            in_flight["n"] -= 1
-            if parsed is not None and parsed.workdir is not None:
-                parsed.workdir.cleanup()
             return _error(exc.status, exc.message, exc.code)
         except Exception as exc:  # anything else a request can trigger is still its own fault
-            in_flight["n"] -= 1
-            if parsed is not None and parsed.workdir is not None:
-                parsed.workdir.cleanup()
             return _error(400, f"the request could not be processed: {exc}")
-        if parsed.workdir is not None:
-            parsed.workdir.cleanup()  # media are read: the uploads can go
+        finally:
+            if parsed is not None and parsed.workdir is not None:
+                parsed.workdir.cleanup()  # media are read (or refused): the uploads can go
+            if not prepared:  # refused, failed or cancelled: it never reaches the engine
+                in_flight["n"] -= 1
         events: asyncio.Queue = asyncio.Queue()
-        engine.submit(Job(ids, visual, parsed.sampling, asyncio.get_running_loop(), events))
+
+        def release() -> None:
+            in_flight["n"] -= 1
+
+        job = Job(
+            ids, visual, parsed.sampling, asyncio.get_running_loop(), events, on_finish=release
+        )
+        engine.submit(job)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         visual_tokens = sum(visual.token_counts) if visual is not None else 0
         unpruned = sum(visual.unpruned_counts) if visual is not None else 0
@@ -242,7 +247,7 @@ def create_app(model, tokenizer, options, settings: ServeSettings):
                             break
                     yield "data: [DONE]\n\n"
                 finally:
-                    in_flight["n"] -= 1
+                    job.cancelled = True  # a client that left stops its row; no-op when done
 
             return StreamingResponse(stream(), media_type="text/event-stream")
         try:
@@ -252,8 +257,9 @@ def create_app(model, tokenizer, options, settings: ServeSettings):
                     break
                 if kind == "error":
                     return _error(500, value, "server_error")
-        finally:
-            in_flight["n"] -= 1
+        except BaseException:
+            job.cancelled = True  # the client went away while waiting
+            raise
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": parsed.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": value.text},

@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,20 @@ class Job:
     sampling: Sampling
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue  # ("delta", text) ... then ("done", Result) or ("error", message)
+    # Called on the event loop once the engine is through with the job (done, failed or
+    # cancelled): what frees its in-flight slot.
+    on_finish: Callable[[], None] | None = None
+    # Set by the handler when its client went away: the row stops at the next token.
+    cancelled: bool = False
     created: float = field(default_factory=time.monotonic)
+
+    def finish(self, kind: str, value: Any) -> None:
+        def deliver() -> None:
+            self.events.put_nowait((kind, value))
+            if self.on_finish is not None:
+                self.on_finish()
+
+        self.loop.call_soon_threadsafe(deliver)
 
 
 @dataclass
@@ -64,8 +78,12 @@ class _Rows(BaseStreamer, StoppingCriteria):
         for i, token in enumerate(value.reshape(-1).tolist()):
             if self.done[i]:
                 continue
+            if self.jobs[i].cancelled:
+                self.done[i] = "cancelled"
+                continue
             if token in self.eos_ids:
                 self.done[i] = "stop"
+                self._flush(i, self.tokenizer.decode(self.tokens[i], skip_special_tokens=True))
                 continue
             self.tokens[i].append(token)
             text = self.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
@@ -82,9 +100,13 @@ class _Rows(BaseStreamer, StoppingCriteria):
                 text = text[: len(text) - hold] if hold else text
                 if text.endswith("\ufffd"):
                     continue
-            if len(text) > len(self.sent[i]):
-                self._emit(i, "delta", text[len(self.sent[i]) :])
-                self.sent[i] = text
+            self._flush(i, text)
+
+    def _flush(self, i: int, text: str) -> None:
+        """Send what `text` adds to what was sent (at the end: everything held back)."""
+        if len(text) > len(self.sent[i]) and text.startswith(self.sent[i]):
+            self._emit(i, "delta", text[len(self.sent[i]) :])
+            self.sent[i] = text
 
     def end(self) -> None:
         pass
@@ -145,9 +167,7 @@ class Engine:
                 self._generate(batch)
             except Exception as exc:  # a failed batch answers its requests, the server goes on
                 for j in batch:
-                    j.loop.call_soon_threadsafe(
-                        j.events.put_nowait, ("error", f"generation failed: {exc}")
-                    )
+                    j.finish("error", f"generation failed: {exc}")
 
     @torch.no_grad()
     def _generate(self, batch: list[Job]) -> None:
@@ -178,7 +198,11 @@ class Engine:
             streamer=rows, stopping_criteria=StoppingCriteriaList([rows]),
         )  # fmt: skip
         for i, j in enumerate(batch):
+            if rows.done[i] != "stop":  # held-back text is final at the token limit too
+                text = self.tokenizer.decode(rows.tokens[i], skip_special_tokens=True)
+                if not any(x in text for x in j.sampling.stop):
+                    rows._flush(i, text)
             result = Result(
                 rows.sent[i], rows.done[i] or "length", j.input_ids.numel(), len(rows.tokens[i])
             )
-            j.loop.call_soon_threadsafe(j.events.put_nowait, ("done", result))
+            j.finish("done", result)

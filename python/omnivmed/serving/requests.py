@@ -27,6 +27,7 @@ PART_KINDS = {
     "volume_url": VisualKind.VOLUME,
 }
 _DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w=.+-]+)*;base64,(.*)$", re.DOTALL)
+MAX_ZIP_ENTRIES = 4096
 _SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/webp": ".webp",
            "image/bmp": ".bmp", "image/tiff": ".tif", "video/mp4": ".mp4", "video/webm": ".webm",
            "video/x-msvideo": ".avi", "video/quicktime": ".mov", "application/gzip": ".nii.gz",
@@ -126,6 +127,12 @@ class MediaResolver:
             raise RequestError(403, f"{url!r} is outside the media root")
         if not path.exists():
             raise RequestError(404, f"{url!r} does not exist under the media root")
+        if path.is_dir():  # a DICOM or frame folder: links inside it may not lead out either
+            for inner in path.iterdir():
+                if not inner.resolve().is_relative_to(self.media_root):
+                    raise RequestError(
+                        403, f"{url!r} holds {inner.name!r}, which points outside the media root"
+                    )
         return path
 
     def _data_url(self, kind: VisualKind, url: str) -> Path:
@@ -159,17 +166,32 @@ class MediaResolver:
         folder.mkdir()
         try:
             archive = zipfile.ZipFile(io.BytesIO(data))
+            entries = [i for i in archive.infolist() if not i.is_dir()]
         except zipfile.BadZipFile:
             raise RequestError(400, "the volume's zip archive is corrupt") from None
+        if len(entries) > MAX_ZIP_ENTRIES:
+            raise RequestError(
+                413, f"the DICOM archive holds {len(entries)} files; at most {MAX_ZIP_ENTRIES}"
+            )
         total = 0
-        for n, info in enumerate(archive.infolist()):
-            if info.is_dir():
-                continue
-            total += info.file_size
-            if total > self.max_bytes:
-                raise RequestError(413, f"the DICOM archive unpacks to over {self.max_bytes} bytes")
-            # Names from the archive never become paths: files are numbered.
-            (folder / f"{n:05d}.dcm").write_bytes(archive.read(info))
+        try:
+            for n, info in enumerate(entries):
+                if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    raise RequestError(
+                        415, "the DICOM archive may use only stored or deflated entries"
+                    )
+                # Names from the archive never become paths: files are numbered. Bytes are
+                # counted as they are unpacked, not as the archive declares them.
+                with archive.open(info) as src, (folder / f"{n:05d}.dcm").open("wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        total += len(chunk)
+                        if total > self.max_bytes:
+                            raise RequestError(
+                                413, f"the DICOM archive unpacks to over {self.max_bytes} bytes"
+                            )
+                        dst.write(chunk)
+        except (zipfile.BadZipFile, EOFError, OSError) as exc:
+            raise RequestError(400, f"the volume's zip archive is corrupt ({exc})") from None
         if total == 0:
             raise RequestError(400, "the volume's zip archive holds no files")
         return folder

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import pkgutil
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -100,7 +101,10 @@ def get_converter(name: str) -> Converter:
 
 
 def _media(rec: dict) -> list[str]:
-    return [p for key in ("images", "volumes", "videos") for p in rec.get(key, [])]
+    # Normalised, so "images/test/../train/x.jpg" is the same image as "images/train/x.jpg".
+    return [
+        os.path.normpath(p) for key in ("images", "volumes", "videos") for p in rec.get(key, [])
+    ]
 
 
 def convert_dataset(
@@ -114,6 +118,9 @@ def convert_dataset(
     records = list(converter.records(root, problems))
     if not records:
         raise ConversionError(f"{root}: no records converted ({problems.counts()})")
+    escaping = [m for r in records for m in _media(r) if m.startswith("..") or os.path.isabs(m)]
+    if escaping:
+        raise ConversionError(f"{name}: media paths lead outside {root}, e.g. {escaping[:3]}")
     ids = Counter(r["id"] for r in records)
     dup = [i for i, n in ids.items() if n > 1]
     if dup:

@@ -1,4 +1,6 @@
-"""`strict` (version 1): omnivmed's own rules (docs/metrics.md, "strict")."""
+"""`strict` (version 2): omnivmed's own rules (docs/metrics.md, "strict"). Version 2: the
+first clause-opening yes/no decides, "the answer is" opens a clause, and only joined
+pairs ("yes and no", "yes/no") are ambiguous; option letters are capitals only."""
 
 from __future__ import annotations
 
@@ -16,11 +18,15 @@ REFUSALS = (
     "cannot tell", "can not tell", "unable to determine", "not possible to determine",
     "no idea", "cannot be determined", "uncertain",
 )  # fmt: skip
-# A yes/no word decides only where a clause starts: after the start, a punctuation mark or
-# a conjunction ("Yes, there is no nodule" decides yes; "there is no nodule" decides
-# nothing; "yes and no" decides both, so it is wrong).
-_CLAUSE_START = re.compile(r"(?:^|[.,;:!?]|\b(?:and|or|but)\b)\s*(yes|no)\b", re.IGNORECASE)
-_LETTER = r"([A-Z])"
+# A yes/no word decides where a clause starts: at the start, after a punctuation mark, a
+# conjunction or "the answer is". The first such word decides ("Yes, there is no nodule"
+# and "Yes. No other findings" decide yes; "there is no nodule" decides nothing); the two
+# joined ("yes and no", "no or yes") are ambiguous, so wrong.
+_CLAUSE_START = re.compile(
+    r"(?:^|[.,;:!?]|\b(?:and|or|but)\b|\banswer is\b)\s*(yes|no)\b", re.IGNORECASE
+)
+_BOTH = re.compile(r"\b(yes|no)\s*(?:/|\b(?:and|or)\b)\s*(yes|no)\b", re.IGNORECASE)
+_LETTER = r"((?-i:[A-Z]))"  # a capital letter, also inside case-insensitive patterns
 _CHOICE_PATTERNS = [
     re.compile(rf"^\s*\(?{_LETTER}\)?\s*[.:)]?\s*$"),  # "B", "(B)", "B.", "B:", "B)"
     re.compile(rf"\\boxed\{{\s*\(?{_LETTER}\)?\s*\}}"),  # \boxed{B}
@@ -38,10 +44,11 @@ def yes_no_decision(prediction: str) -> str | None:
     flat = normalize(prediction)
     if any(r in flat for r in REFUSALS):
         return "refusal"
-    found = {m.group(1).lower() for m in _CLAUSE_START.finditer(prediction.replace("\u2019", "'"))}
-    if len(found) > 1:
+    text = prediction.replace("\u2019", "'")
+    if any(m.group(1).lower() != m.group(2).lower() for m in _BOTH.finditer(text)):
         return "ambiguous"
-    return found.pop() if found else None
+    first = _CLAUSE_START.search(text)
+    return first.group(1).lower() if first else None
 
 
 def choice_letter(prediction: str, choices: list[str]) -> tuple[str | None, str]:
@@ -87,7 +94,7 @@ def reference_letter(ref: dict) -> str:
 
 class StrictProfile(Profile):
     name = "strict"
-    version = "1"
+    version = "2"
     metrics = (
         "closed_accuracy",
         "open_recall",

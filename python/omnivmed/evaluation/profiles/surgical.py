@@ -38,7 +38,10 @@ class SurgicalProfile(Profile):
             lab for lab in labels if lab and re.search(rf"(?:^| ){re.escape(lab)}(?: |$)", pred)
         ]
         # A label inside a longer one ("grasper" in "grasper retraction") counts once.
-        inside = [lab for lab in inside if not any(lab != o and lab in o for o in inside)]
+        inside = [
+            lab for lab in inside
+            if not any(lab != o and re.search(rf"(?:^| ){re.escape(lab)}(?: |$)", o) for o in inside)
+        ]  # fmt: skip
         if len(inside) == 1:
             return inside[0], "label inside the answer"
         return None, "several labels" if inside else "no label"
