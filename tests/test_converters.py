@@ -234,3 +234,30 @@ def test_validate_reports_schema_and_media_problems(tmp_path, capsys):
     good.write_text(json.dumps(rows[0]) + "\n")
     assert main(["validate", str(good)]) == 0
     assert capsys.readouterr().out.strip().endswith("OK")
+
+
+def test_mix_deduplicates_samples_to_ratios_and_reports_the_distribution(tmp_path, capsys):
+    import yaml
+
+    slake = convert_dataset("slake", slake_tree(tmp_path / "slake"), tmp_path / "slake.jsonl")
+    rad_root = vqa_rad_tree(tmp_path / "rad")
+    convert_dataset("vqa-rad", rad_root, tmp_path / "rad.jsonl")
+    # The same VQA-RAD file twice: the second copy is all duplicates.
+    mixture = {"seed": 1, "num_samples": 10, "datasets": [
+        {"path": "slake.jsonl", "root": "slake", "ratio": 0.6},
+        {"path": "rad.jsonl", "root": "rad", "ratio": 0.4},
+        {"path": "rad.jsonl", "root": "rad", "ratio": 0.0}]}  # fmt: skip
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mixture))
+    assert main(["mix", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out/mixture.summary.json").read_text())
+    assert [s["drawn"] for s in summary["sources"]] == [6, 4, 0]
+    assert summary["sources"][2]["duplicates"] == 3 and summary["sources"][0]["upsampled"]
+    assert summary["records"] == 10 and sum(summary["modality"].values()) == 10
+    assert (tmp_path / "out/distribution.png").stat().st_size > 0
+    rows = read_jsonl(tmp_path / "out/mixture.jsonl")
+    assert len({r["id"] for r in rows}) == 10  # upsampled copies get their own ids
+    # The mixture loads for training with the data root it reports.
+    records = load_records(tmp_path / "out/mixture.jsonl", summary["data_root"])
+    assert all(Path(p).is_file() for r in records for _, p, _ in r.media)
+    assert "upsampled" in capsys.readouterr().out
+    assert slake["records"] == 4

@@ -126,6 +126,25 @@ def convert(args) -> int:
     return 0
 
 
+def mix(args) -> int:
+    from ..data.mix import build_mix
+
+    summary = build_mix(args.mixture, args.out)
+    print(f"{summary['records']} samples -> {summary['output']} (data root {summary['data_root']})")
+    print(f"{'source':<48}{'records':>9}{'duplicates':>12}{'drawn':>8}")
+    for s in summary["sources"]:
+        note = "  (upsampled)" if s["upsampled"] else ""
+        print(
+            f"{Path(s['path']).name:<48}{s['records']:>9}{s['duplicates']:>12}{s['drawn']:>8}{note}"
+        )
+    for key in ("modality", "task", "dataset"):
+        print(f"{key}: {summary[key]}")
+    print(
+        f"wrote {Path(args.out) / 'mixture.summary.json'} and {Path(args.out) / 'distribution.png'}"
+    )
+    return 0
+
+
 def validate(args) -> int:
     from ..data.validate import validate_file
 
@@ -159,13 +178,20 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--input", required=True, help="the release, unpacked")
     conv.add_argument("--out", required=True, help="JSONL output (a .summary.json beside it)")
     conv.add_argument("--strict", action="store_true", help="stop at the first malformed entry")
+    mx = sub.add_parser(
+        "mix", help="one deduplicated training file from a YAML mixture, with its distribution"
+    )
+    mx.add_argument("mixture", help="a YAML mixture (datasets with path, root, ratio)")
+    mx.add_argument("--out", required=True, help="folder for mixture.jsonl, its summary and plot")
     val = sub.add_parser("validate", help="check a data file and its media without training")
     val.add_argument("data")
     val.add_argument("--data-root", help="media root (default: the file's folder)")
     val.add_argument("--no-read", action="store_true", help="check existence only, not readability")
     args = parser.parse_args(argv)
     try:
-        return {"tokens": tokens, "convert": convert, "validate": validate}[args.command](args)
+        return {"tokens": tokens, "convert": convert, "mix": mix, "validate": validate}[
+            args.command
+        ](args)
     except (ValueError, OSError) as exc:  # bad settings, data or model folders
         print(f"omnivmed-data: {exc}", file=sys.stderr)
         return 2

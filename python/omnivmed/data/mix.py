@@ -1,0 +1,157 @@
+"""`omnivmed-data mix`: one training file from a YAML mixture of converted files (the
+format `omnivmed-train` reads, see data/mixture.py): duplicates removed (the same media
+with the same question and answer, within and across files), each file sampled to its
+ratio with the same rule training uses, and the modality / task / dataset distribution
+reported as a table, JSON and a bar chart (OmniV-Med's Fig. 2)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ..models.kinds import VisualKind
+from .mixture import _ENTRY_KEYS, _KEYS, MixtureError
+from .records import Record, RecordError, load_records
+
+_LIST_KEY = {VisualKind.IMAGE: "images", VisualKind.VIDEO: "videos", VisualKind.VOLUME: "volumes"}
+
+
+def _question(record: Record) -> str:
+    return next(
+        (
+            t["value"]
+            for t in record.conversations
+            if t.get("from", t.get("role")) in ("human", "user")
+        ),
+        "",
+    )
+
+
+def _key(record: Record) -> str:
+    media = [str(path) for _, path, _ in record.media]
+    text = " ".join(_question(record).lower().split()) + "\x00" + str(record.meta.get("answer", ""))
+    return hashlib.sha256(json.dumps([media, text]).encode()).hexdigest()
+
+
+def _counts(ratios: list[float], total: int) -> np.ndarray:
+    # The largest-remainder rule of MixtureDataset, so a file gets what training would draw.
+    weights = np.asarray(ratios, dtype=np.float64) / sum(ratios)
+    counts = np.floor(weights * total).astype(int)
+    counts[np.argsort(-(weights * total - counts))[: total - counts.sum()]] += 1
+    return counts
+
+
+def _raw(record: Record, root: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": record.id}
+    for kind, path, options in record.media:
+        rel = os.path.relpath(path, root)
+        out.setdefault(_LIST_KEY[kind], []).append({"path": rel, **options} if options else rel)
+    out["conversations"] = record.conversations
+    out.update(record.meta)
+    return out
+
+
+def build_mix(yaml_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    yaml_path, out_dir = Path(yaml_path), Path(out_dir)
+    if not yaml_path.is_file():
+        raise FileNotFoundError(f"mixture file {yaml_path} does not exist")
+    spec = yaml.safe_load(yaml_path.read_text()) or {}
+    if (
+        not isinstance(spec, dict)
+        or set(spec) - _KEYS
+        or not isinstance(spec.get("datasets"), list)
+    ):
+        raise MixtureError(f"{yaml_path}: expected {sorted(_KEYS)} with a 'datasets' list")
+    seen: set[str] = set()
+    sources, pools, ratios = [], [], []
+    for k, entry in enumerate(spec["datasets"]):
+        if not isinstance(entry, dict) or "path" not in entry or set(entry) - _ENTRY_KEYS:
+            raise MixtureError(
+                f"{yaml_path}: datasets[{k}] needs 'path' and only {sorted(_ENTRY_KEYS)}"
+            )
+        path = yaml_path.parent / entry["path"]
+        root = yaml_path.parent / entry["root"] if "root" in entry else None
+        defaults = {key: entry[key] for key in ("intensity", "ct_window") if key in entry}
+        try:
+            records = load_records(path, root, "raise", defaults)
+        except RecordError as exc:
+            raise MixtureError(f"{yaml_path}: datasets[{k}]: {exc}") from exc
+        kept = []
+        for r in records:
+            key = _key(r)
+            if key not in seen:
+                seen.add(key)
+                kept.append(r)
+        ratio = float(entry.get("ratio", 1.0))
+        if ratio < 0:
+            raise MixtureError(f"{yaml_path}: datasets[{k}]: ratio must be >= 0, got {ratio}")
+        sources.append(
+            {"path": str(path), "records": len(records), "duplicates": len(records) - len(kept)}
+        )
+        pools.append(kept)
+        ratios.append(ratio)
+    if sum(ratios) <= 0:
+        raise MixtureError(f"{yaml_path}: the ratios must have a positive sum")
+    total = int(spec.get("num_samples") or sum(len(p) for p in pools))
+    rng = np.random.default_rng(int(spec.get("seed", 0)))
+    drawn: list[Record] = []
+    for source, pool, count in zip(sources, pools, _counts(ratios, total), strict=True):
+        if count and not pool:
+            raise MixtureError(f"{source['path']}: no records left but its ratio asks for {count}")
+        picks: list[int] = []
+        while len(picks) < count:
+            picks += rng.permutation(len(pool)).tolist()
+        source.update(drawn=int(count), upsampled=bool(count > len(pool)))
+        # Ids stay unique when a file is drawn more than once.
+        seen_ids: Counter = Counter()
+        for i in picks[:count]:
+            r = pool[i]
+            seen_ids[r.id] += 1
+            if seen_ids[r.id] > 1:
+                r = Record(f"{r.id}#{seen_ids[r.id]}", r.conversations, r.media, r.meta)
+            drawn.append(r)
+    drawn = [drawn[i] for i in rng.permutation(len(drawn))]
+    media_paths = [str(Path(p).resolve()) for r in drawn for _, p, _ in r.media]
+    root = Path(os.path.commonpath(media_paths)) if media_paths else out_dir.resolve()
+    if media_paths and Path(media_paths[0]) == root:  # a single file: its folder is the root
+        root = root.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "mixture.jsonl"
+    with out.open("w", encoding="utf-8") as f:
+        for r in drawn:
+            f.write(json.dumps(_raw(r, root), ensure_ascii=False) + "\n")
+
+    def dist(key: str) -> dict[str, int]:
+        return dict(Counter(str(r.meta.get(key) or "unknown") for r in drawn).most_common())
+
+    summary = {"output": str(out), "data_root": str(root), "records": len(drawn), "sources": sources,
+               "modality": dist("modality"), "task": dist("question_type"), "dataset": dist("dataset"),
+               "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}  # fmt: skip
+    (out_dir / "mixture.summary.json").write_text(
+        json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
+    )
+    _plot(summary, out_dir / "distribution.png")
+    return summary
+
+
+def _plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("modality", "task"), strict=True):
+        items = list(summary[key].items())[:20]
+        ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="#4a7ab5")
+        ax.set_title(f"samples per {key} ({summary['records']} in all)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
