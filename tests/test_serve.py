@@ -6,6 +6,7 @@ while the server keeps serving."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import threading
@@ -252,7 +253,10 @@ class Browser:
         assert port, "Chromium did not open its DevTools port"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30) as r:
             page = next(t for t in json.load(r) if t["type"] == "page")
-        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        self.stack = contextlib.ExitStack()
+        self.ws = self.stack.enter_context(
+            connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        )
         self.next_id = 0
 
     def call(self, method: str, **params):
@@ -280,7 +284,7 @@ class Browser:
         raise AssertionError(f"timed out waiting for {expression}")
 
     def close(self) -> None:
-        self.ws.close()
+        self.stack.close()
         self.proc.kill()
         self.proc.wait(timeout=30)
 
