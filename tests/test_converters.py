@@ -261,3 +261,34 @@ def test_mix_deduplicates_samples_to_ratios_and_reports_the_distribution(tmp_pat
     assert all(Path(p).is_file() for r in records for _, p, _ in r.media)
     assert "upsampled" in capsys.readouterr().out
     assert slake["records"] == 4
+
+
+def test_endovis18_vqa_by_sequence(tmp_path):
+    root = tmp_path / "endovis"
+    for seq in (1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 14, 15, 16):
+        image(root / f"seq_{seq}" / "left_frames" / "frame000.png", seq)
+        qa = root / f"seq_{seq}" / "vqa" / "Classification"
+        qa.mkdir(parents=True)
+        (qa / "frame000_QA.txt").write_text(
+            "What organ is being operated?|kidney\nWhat is the state of bipolar_forceps?|Idle\n"
+            "Where is bipolar_forceps located?|left-top\n" + ("broken line\n" if seq == 2 else "")
+        )
+    summary = convert_dataset("endovis18-vqa", root, tmp_path / "e.jsonl")
+    assert summary["counts"]["split"] == {"train": 33, "validation": 9}
+    assert summary["counts"]["question_type"] == {"location": 14, "organ": 14, "state": 14}
+    assert summary["problems"] == {str(root / "seq_2/vqa/Classification/frame000_QA.txt"): 1}
+    rec = read_jsonl(tmp_path / "e.jsonl")[0]
+    assert rec["images"] == ["seq_2/left_frames/frame000.png"] and rec["answer_type"] == "closed"
+    # Scored with the surgical profile: labels from the references, macro metrics.
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps({"id": r["id"], "prediction": r["answer"]}) + "\n"
+                             for r in read_jsonl(tmp_path / "e.jsonl")))  # fmt: skip
+    overall = score_files(tmp_path / "e.jsonl", preds, "surgical", tmp_path / "s")["overall"]
+    assert overall["accuracy"] == 1.0 and overall["macro_f1"] == 1.0
+    import shutil
+
+    shutil.rmtree(root / "seq_16")
+    with pytest.raises(
+        ConversionError, match=r"seq_16.*is missing: expected the question files of sequence 16"
+    ):
+        convert_dataset("endovis18-vqa", root, tmp_path / "e.jsonl")
