@@ -145,6 +145,31 @@ def mix(args) -> int:
     return 0
 
 
+def _backend(spec: str, model: str | None, args):
+    if spec.startswith(("http://", "https://")):
+        from ..data.captions.http import HttpBackend
+
+        return HttpBackend(spec, model or "default", args.api_key, args.timeout, args.retries)
+    from ..data.captions.local import LocalBackend
+
+    if not (Path(spec) / "config.json").is_file():
+        raise ValueError(f"{spec}: neither an http(s) URL nor a saved model folder")
+    return LocalBackend(spec)
+
+
+def captions(args) -> int:
+    from ..data.captions.pipeline import CaptionSettings, run_captions
+
+    settings = CaptionSettings(candidates=args.candidates, threshold=args.threshold,
+                               temperature=args.temperature, judge_retries=args.judge_retries,
+                               concurrency=args.concurrency)  # fmt: skip
+    judges = [_backend(j, args.judge_model, args) for j in args.judge]
+    summary = run_captions(args.clips, args.root or Path(args.clips).parent,
+                           _backend(args.generator, args.generator_model, args), judges, args.out, settings)  # fmt: skip
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def validate(args) -> int:
     from ..data.validate import validate_file
 
@@ -183,15 +208,39 @@ def main(argv: list[str] | None = None) -> int:
     )
     mx.add_argument("mixture", help="a YAML mixture (datasets with path, root, ratio)")
     mx.add_argument("--out", required=True, help="folder for mixture.jsonl, its summary and plot")
+    cap = sub.add_parser("captions", help="rejection-sampled captions for video clips (Fig. 4)")
+    cap.add_argument("clips", help='JSONL of {"id": ..., "video": file or frame folder}')
+    cap.add_argument("--root", help="clip paths resolve here (default: the file's folder)")
+    cap.add_argument(
+        "--generator", required=True, help="an OpenAI-compatible base URL (…/v1) or a model folder"
+    )
+    cap.add_argument("--generator-model")
+    cap.add_argument(
+        "--judge", action="append", required=True, help="a judge: URL or model folder (repeat)"
+    )
+    cap.add_argument("--judge-model")
+    cap.add_argument("--api-key")
+    cap.add_argument("--candidates", type=int, default=4)
+    cap.add_argument("--threshold", type=float, default=4.0, help="mean judge score to keep (1-5)")
+    cap.add_argument("--temperature", type=float, default=0.8)
+    cap.add_argument("--judge-retries", type=int, default=2)
+    cap.add_argument("--concurrency", type=int, default=8)
+    cap.add_argument("--timeout", type=float, default=60.0)
+    cap.add_argument("--retries", type=int, default=3)
+    cap.add_argument("--out", required=True)
     val = sub.add_parser("validate", help="check a data file and its media without training")
     val.add_argument("data")
     val.add_argument("--data-root", help="media root (default: the file's folder)")
     val.add_argument("--no-read", action="store_true", help="check existence only, not readability")
     args = parser.parse_args(argv)
     try:
-        return {"tokens": tokens, "convert": convert, "mix": mix, "validate": validate}[
-            args.command
-        ](args)
+        return {
+            "tokens": tokens,
+            "convert": convert,
+            "mix": mix,
+            "captions": captions,
+            "validate": validate,
+        }[args.command](args)
     except (ValueError, OSError) as exc:  # bad settings, data or model folders
         print(f"omnivmed-data: {exc}", file=sys.stderr)
         return 2
