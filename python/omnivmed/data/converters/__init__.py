@@ -11,6 +11,7 @@ type, the documented counts beside them, problems per file, the output's SHA-256
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib
 import json
@@ -68,6 +69,50 @@ class Converter:
         if not path.exists():
             raise ConversionError(f"{path} is missing: expected {what}")
         return path
+
+    @staticmethod
+    def read_json_list(source: Path, what: str) -> list:
+        try:
+            rows = json.loads(source.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConversionError(f"{source}: not {what} ({exc})") from None
+        if not isinstance(rows, list) or not rows:
+            raise ConversionError(f"{source}: expected a non-empty list of questions")
+        return rows
+
+    @staticmethod
+    def read_csv_rows(
+        source: Path, columns: tuple[str, ...]
+    ) -> Iterator[tuple[str, dict[str, str]]]:
+        """(row key for messages, row) of a CSV that must hold `columns`."""
+        with source.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in columns if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ConversionError(
+                    f"{source}: columns {missing} are missing (has {reader.fieldnames})"
+                )
+            for i, row in enumerate(reader):
+                yield i, f"row {i + 2}", row
+
+    @staticmethod
+    def open_closed_qa(
+        row: Any, source: Path, key: str, problems: Problems
+    ) -> tuple[str, str, str] | None:
+        """(question, answer, answer_type) of a row annotated OPEN/CLOSED; None (counted)
+        when a field is missing or the annotation is neither."""
+        try:
+            question, answer = str(row["question"]).strip(), str(row["answer"]).strip()
+            answer_type = str(row["answer_type"]).strip().lower()
+        except (KeyError, TypeError) as exc:
+            problems.add(source, f"{key}: field {exc} is missing")
+            return None
+        if answer_type not in ("open", "closed"):
+            problems.add(
+                source, f"{key}: answer_type {row['answer_type']!r} is neither OPEN nor CLOSED"
+            )
+            return None
+        return question, answer, answer_type
 
     @staticmethod
     def image_ok(root: Path, relative: str, problems: Problems, source: Path, key: str) -> bool:

@@ -7,12 +7,11 @@ Organ, Abnormality, Location. Splits are by volume."""
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import ConversionError, Converter, Problems
+from . import Converter, Problems
 
 SPLITS = ("train", "val", "test")
 TYPES = {"1": "plane", "2": "phase", "3": "organ", "4": "abnormality", "5": "location"}
@@ -27,33 +26,25 @@ class M3DVqa(Converter):
     def records(self, root: Path, problems: Problems) -> Iterator[dict[str, Any]]:
         for split in SPLITS:
             source = self.require(root / f"M3D_VQA_{split}.csv", f"M3D-VQA's {split} table")
-            with source.open(newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-                if missing:
-                    raise ConversionError(
-                        f"{source}: columns {missing} are missing (has {reader.fieldnames})"
-                    )
-                for i, r in enumerate(reader):
-                    key = f"row {i + 2}"
-                    volume = r["Image Path"].strip()
-                    if not self.image_ok(root, volume, problems, source, key):
-                        continue
-                    letter = r["Answer Choice"].strip().upper()
-                    choices = [r[f"Choice {c}"].strip() for c in "ABCD"]
-                    if letter not in "ABCD" or not letter:
-                        problems.add(source, f"{key}: Answer Choice {letter!r} is not A-D")
-                        continue
-                    qtype = TYPES.get(r["Question Type"].strip(), r["Question Type"].strip())
-                    common = dict(dataset=self.dataset, split=split, modality="CT", question_type=qtype,
-                                  language="en", source_id=f"{split}/{i}")  # fmt: skip
-                    options = " ".join(f"{c}. {t}" for c, t in zip("ABCD", choices, strict=True))
-                    yield self.record(
-                        f"m3d-vqa-{split}-{i}-closed", volume, f"{r['Question'].strip()} Choices: {options}",
-                        f"{letter}. {choices['ABCD'.index(letter)]}", kind="volumes", marker="<image3d>",
-                        answer_type="closed", choices=choices, answer_choice=letter, **common,
-                    )  # fmt: skip
-                    yield self.record(
-                        f"m3d-vqa-{split}-{i}-open", volume, r["Question"].strip(), r["Answer"].strip(),
-                        kind="volumes", marker="<image3d>", answer_type="open", **common,
-                    )  # fmt: skip
+            for i, key, r in self.read_csv_rows(source, COLUMNS):
+                volume = r["Image Path"].strip()
+                if not self.image_ok(root, volume, problems, source, key):
+                    continue
+                letter = r["Answer Choice"].strip().upper()
+                choices = [r[f"Choice {c}"].strip() for c in "ABCD"]
+                if letter not in "ABCD" or not letter:
+                    problems.add(source, f"{key}: Answer Choice {letter!r} is not A-D")
+                    continue
+                qtype = TYPES.get(r["Question Type"].strip(), r["Question Type"].strip())
+                common = dict(dataset=self.dataset, split=split, modality="CT", question_type=qtype,
+                              language="en", source_id=f"{split}/{i}")  # fmt: skip
+                options = " ".join(f"{c}. {t}" for c, t in zip("ABCD", choices, strict=True))
+                yield self.record(
+                    f"m3d-vqa-{split}-{i}-closed", volume, f"{r['Question'].strip()} Choices: {options}",
+                    f"{letter}. {choices['ABCD'.index(letter)]}", kind="volumes", marker="<image3d>",
+                    answer_type="closed", choices=choices, answer_choice=letter, **common,
+                )  # fmt: skip
+                yield self.record(
+                    f"m3d-vqa-{split}-{i}-open", volume, r["Question"].strip(), r["Answer"].strip(),
+                    kind="volumes", marker="<image3d>", answer_type="open", **common,
+                )  # fmt: skip

@@ -5,13 +5,12 @@ Every question is multiple choice (closed). Splits are by figure."""
 
 from __future__ import annotations
 
-import csv
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import ConversionError, Converter, Problems
+from . import Converter, Problems
 
 COLUMNS = ("Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D",
            "Answer_label")  # fmt: skip
@@ -30,27 +29,19 @@ class PmcVqa(Converter):
                 source = self.require(
                     root / f"{split}.csv", f"PMC-VQA's {split}_2.csv or {split}.csv"
                 )
-            with source.open(newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-                if missing:
-                    raise ConversionError(
-                        f"{source}: columns {missing} are missing (has {reader.fieldnames})"
-                    )
-                for i, r in enumerate(reader):
-                    key = f"row {i + 2}"
-                    image = f"images/{r['Figure_path'].strip()}"
-                    if not self.image_ok(root, image, problems, source, key):
-                        continue
-                    letter = r["Answer_label"].strip().upper()
-                    if letter not in ("A", "B", "C", "D"):
-                        problems.add(source, f"{key}: Answer_label {letter!r} is not A-D")
-                        continue
-                    choices = [_PREFIX.sub("", r[f"Choice {c}"]).strip() for c in "ABCD"]
-                    options = " ".join(f"{c}. {t}" for c, t in zip("ABCD", choices, strict=True))
-                    yield self.record(
-                        f"pmc-vqa-{split}-{i}", image, f"{r['Question'].strip()} Choices: {options}",
-                        r["Answer"].strip(), dataset=self.dataset, split=split, modality=None,
-                        answer_type="closed", choices=choices, answer_choice=letter,
-                        language="en", source_id=f"{split}/{i}",
-                    )  # fmt: skip
+            for i, key, r in self.read_csv_rows(source, COLUMNS):
+                image = f"images/{r['Figure_path'].strip()}"
+                if not self.image_ok(root, image, problems, source, key):
+                    continue
+                letter = r["Answer_label"].strip().upper()
+                if letter not in ("A", "B", "C", "D"):
+                    problems.add(source, f"{key}: Answer_label {letter!r} is not A-D")
+                    continue
+                choices = [_PREFIX.sub("", r[f"Choice {c}"]).strip() for c in "ABCD"]
+                options = " ".join(f"{c}. {t}" for c, t in zip("ABCD", choices, strict=True))
+                yield self.record(
+                    f"pmc-vqa-{split}-{i}", image, f"{r['Question'].strip()} Choices: {options}",
+                    r["Answer"].strip(), dataset=self.dataset, split=split, modality=None,
+                    answer_type="closed", choices=choices, answer_choice=letter,
+                    language="en", source_id=f"{split}/{i}",
+                )  # fmt: skip

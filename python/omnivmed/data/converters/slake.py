@@ -5,12 +5,11 @@ in two splits is an error."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from . import ConversionError, Converter, Problems
+from . import Converter, Problems
 
 SPLITS = {"train": "train.json", "validate": "validate.json", "test": "test.json"}
 
@@ -24,21 +23,17 @@ class Slake(Converter):
         self.require(root / "imgs", "the image folder imgs/")
         for split, file in SPLITS.items():
             source = self.require(root / file, f"SLAKE's {split} questions")
-            try:
-                rows = json.loads(source.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ConversionError(f"{source}: not SLAKE's JSON ({exc})") from None
+            rows = self.read_json_list(source, "SLAKE's JSON")
             for i, r in enumerate(rows):
                 key = f"entry {i}"
+                qa = self.open_closed_qa(r, source, key, problems)
+                if qa is None:
+                    continue
+                question, answer, answer_type = qa
                 try:
                     qid, image, lang = r["qid"], r["img_name"], r["q_lang"]
-                    question, answer = str(r["question"]).strip(), str(r["answer"]).strip()
-                    answer_type = str(r["answer_type"]).strip().lower()
-                except (KeyError, TypeError) as exc:
+                except KeyError as exc:
                     problems.add(source, f"{key}: field {exc} is missing")
-                    continue
-                if answer_type not in ("open", "closed"):
-                    problems.add(source, f"{key}: answer_type {r['answer_type']!r}")
                     continue
                 if not self.image_ok(root, f"imgs/{image}", problems, source, key):
                     continue

@@ -8,7 +8,6 @@ release's documentation). Test questions ask about images that also have train q
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,12 +27,7 @@ class VqaRad(Converter):
     def records(self, root: Path, problems: Problems) -> Iterator[dict[str, Any]]:
         source = self.require(root / JSON_NAME, "the release's question file")
         self.require(root / IMAGE_DIR, "the release's image folder")
-        try:
-            rows = json.loads(source.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConversionError(f"{source}: not the release's JSON ({exc})") from None
-        if not isinstance(rows, list) or not rows:
-            raise ConversionError(f"{source}: expected a non-empty list of questions")
+        rows = self.read_json_list(source, "the release's JSON")
         if not any(isinstance(r, dict) and "answer_type" in r for r in rows):
             raise ConversionError(
                 f"{source}: no 'answer_type' field; this looks like a mirror that dropped the "
@@ -42,17 +36,14 @@ class VqaRad(Converter):
             )
         for i, r in enumerate(rows):
             key = f"entry {i}"
+            qa = self.open_closed_qa(r, source, key, problems)
+            if qa is None:
+                continue
+            question, answer, answer_type = qa
             try:
                 qid, image, phrase = r["qid"], r["image_name"], r["phrase_type"]
-                question, answer = str(r["question"]).strip(), str(r["answer"]).strip()
-                answer_type = str(r["answer_type"]).strip().lower()
-            except (KeyError, TypeError) as exc:
+            except KeyError as exc:
                 problems.add(source, f"{key}: field {exc} is missing")
-                continue
-            if answer_type not in ("open", "closed"):
-                problems.add(
-                    source, f"{key}: answer_type {r['answer_type']!r} is neither OPEN nor CLOSED"
-                )
                 continue
             if not self.image_ok(root, f"{IMAGE_DIR}/{image}", problems, source, key):
                 continue
