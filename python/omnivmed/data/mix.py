@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from ..models.kinds import VisualKind
-from .mixture import _ENTRY_KEYS, _KEYS, MixtureError
-from .records import Record, RecordError, load_records
+from .mixture import MixtureError, draw, entry_records, read_spec, sample_counts
+from .records import Record
 
 _LIST_KEY = {VisualKind.IMAGE: "images", VisualKind.VIDEO: "videos", VisualKind.VOLUME: "volumes"}
 
@@ -40,14 +39,6 @@ def _key(record: Record) -> str:
     return hashlib.sha256(json.dumps([media, text]).encode()).hexdigest()
 
 
-def _counts(ratios: list[float], total: int) -> np.ndarray:
-    # The largest-remainder rule of MixtureDataset, so a file gets what training would draw.
-    weights = np.asarray(ratios, dtype=np.float64) / sum(ratios)
-    counts = np.floor(weights * total).astype(int)
-    counts[np.argsort(-(weights * total - counts))[: total - counts.sum()]] += 1
-    return counts
-
-
 def _raw(record: Record, root: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"id": record.id}
     for kind, path, options in record.media:
@@ -60,29 +51,12 @@ def _raw(record: Record, root: Path) -> dict[str, Any]:
 
 def build_mix(yaml_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     yaml_path, out_dir = Path(yaml_path), Path(out_dir)
-    if not yaml_path.is_file():
-        raise FileNotFoundError(f"mixture file {yaml_path} does not exist")
-    spec = yaml.safe_load(yaml_path.read_text()) or {}
-    if (
-        not isinstance(spec, dict)
-        or set(spec) - _KEYS
-        or not isinstance(spec.get("datasets"), list)
-    ):
-        raise MixtureError(f"{yaml_path}: expected {sorted(_KEYS)} with a 'datasets' list")
+    spec, entries = read_spec(yaml_path)
     seen: set[str] = set()
     sources, pools, ratios = [], [], []
-    for k, entry in enumerate(spec["datasets"]):
-        if not isinstance(entry, dict) or "path" not in entry or set(entry) - _ENTRY_KEYS:
-            raise MixtureError(
-                f"{yaml_path}: datasets[{k}] needs 'path' and only {sorted(_ENTRY_KEYS)}"
-            )
+    for k, entry in enumerate(entries):
+        records = entry_records(yaml_path, k, entry)
         path = yaml_path.parent / entry["path"]
-        root = yaml_path.parent / entry["root"] if "root" in entry else None
-        defaults = {key: entry[key] for key in ("intensity", "ct_window") if key in entry}
-        try:
-            records = load_records(path, root, "raise", defaults)
-        except RecordError as exc:
-            raise MixtureError(f"{yaml_path}: datasets[{k}]: {exc}") from exc
         kept = []
         for r in records:
             key = _key(r)
@@ -102,16 +76,14 @@ def build_mix(yaml_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     total = int(spec.get("num_samples") or sum(len(p) for p in pools))
     rng = np.random.default_rng(int(spec.get("seed", 0)))
     drawn: list[Record] = []
-    for source, pool, count in zip(sources, pools, _counts(ratios, total), strict=True):
+    for source, pool, count in zip(sources, pools, sample_counts(ratios, total), strict=True):
         if count and not pool:
             raise MixtureError(f"{source['path']}: no records left but its ratio asks for {count}")
-        picks: list[int] = []
-        while len(picks) < count:
-            picks += rng.permutation(len(pool)).tolist()
+        picks = draw(rng, len(pool), int(count))
         source.update(drawn=int(count), upsampled=bool(count > len(pool)))
         # Ids stay unique when a file is drawn more than once.
         seen_ids: Counter = Counter()
-        for i in picks[:count]:
+        for i in picks:
             r = pool[i]
             seen_ids[r.id] += 1
             if seen_ids[r.id] > 1:

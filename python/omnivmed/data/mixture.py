@@ -35,6 +35,54 @@ class MixtureError(ValueError):
     pass
 
 
+def sample_counts(ratios: list[float], total: int) -> np.ndarray:
+    """Samples per dataset: `total` split by the ratios, largest remainders rounded up."""
+    weights = np.asarray(ratios, dtype=np.float64) / sum(ratios)
+    counts = np.floor(weights * total).astype(int)
+    counts[np.argsort(-(weights * total - counts))[: total - counts.sum()]] += 1
+    return counts
+
+
+def draw(rng: np.random.Generator, size: int, count: int) -> list[int]:
+    """`count` indices into a dataset of `size`: without replacement while it has enough,
+    then through fresh shuffles."""
+    drawn: list[int] = []
+    while len(drawn) < count:
+        drawn += rng.permutation(size).tolist()
+    return drawn[:count]
+
+
+def read_spec(yaml_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The mixture's settings and its checked dataset entries."""
+    if not yaml_path.is_file():
+        raise FileNotFoundError(f"mixture file {yaml_path} does not exist")
+    spec = yaml.safe_load(yaml_path.read_text()) or {}
+    if not isinstance(spec, dict) or set(spec) - _KEYS:
+        raise MixtureError(
+            f"{yaml_path}: unknown keys {sorted(set(spec) - _KEYS)}; allowed: {sorted(_KEYS)}"
+        )
+    entries = spec.get("datasets")
+    if not isinstance(entries, list) or not entries:
+        raise MixtureError(f"{yaml_path}: 'datasets' must be a non-empty list")
+    for k, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "path" not in entry or set(entry) - _ENTRY_KEYS:
+            raise MixtureError(
+                f"{yaml_path}: datasets[{k}] needs 'path' and only {sorted(_ENTRY_KEYS)}, got {entry}"
+            )
+    return spec, entries
+
+
+def entry_records(yaml_path: Path, k: int, entry: dict[str, Any], on_error: str = "raise") -> list:
+    """The records of one dataset entry (paths and media root relative to the YAML)."""
+    path = yaml_path.parent / entry["path"]
+    root = yaml_path.parent / entry["root"] if "root" in entry else None
+    defaults = {key: entry[key] for key in ("intensity", "ct_window") if key in entry}
+    try:
+        return load_records(path, root, on_error, defaults)
+    except RecordError as exc:
+        raise MixtureError(f"{yaml_path}: datasets[{k}]: {exc}") from exc
+
+
 class MixtureDataset(Dataset):
     def __init__(self, parts: list[InstructionDataset], ratios: list[float], num_samples: int | None = None,
                  seed: int = 0) -> None:  # fmt: skip
@@ -43,20 +91,13 @@ class MixtureDataset(Dataset):
         if any(r < 0 for r in ratios) or sum(ratios) <= 0:
             raise MixtureError(f"ratios must be non-negative with a positive sum, got {ratios}")
         total = num_samples if num_samples is not None else sum(len(p) for p in parts)
-        weights = np.asarray(ratios, dtype=np.float64) / sum(ratios)
-        counts = np.floor(weights * total).astype(int)
-        counts[np.argsort(-(weights * total - counts))[: total - counts.sum()]] += (
-            1  # largest remainders
-        )
+        counts = sample_counts(ratios, total)
         rng = np.random.default_rng(seed)
         index: list[tuple[int, int]] = []
         for d, (part, count) in enumerate(zip(parts, counts, strict=True)):
             if count and len(part) == 0:
                 raise MixtureError(f"dataset {d} is empty but its ratio asks for {count} samples")
-            drawn: list[int] = []
-            while len(drawn) < count:
-                drawn += rng.permutation(len(part)).tolist()
-            index += [(d, i) for i in drawn[:count]]
+            index += [(d, i) for i in draw(rng, len(part), count)]
         order = rng.permutation(len(index))
         self.parts = parts
         self.index = [index[i] for i in order]
@@ -74,29 +115,10 @@ def load_mixture(
     yaml_path: str | Path, processor, on_error: str = "raise", prune: bool | None = None
 ) -> MixtureDataset:
     yaml_path = Path(yaml_path)
-    if not yaml_path.is_file():
-        raise FileNotFoundError(f"mixture file {yaml_path} does not exist")
-    spec = yaml.safe_load(yaml_path.read_text()) or {}
-    if not isinstance(spec, dict) or set(spec) - _KEYS:
-        raise MixtureError(
-            f"{yaml_path}: unknown keys {sorted(set(spec) - _KEYS)}; allowed: {sorted(_KEYS)}"
-        )
-    entries = spec.get("datasets")
-    if not isinstance(entries, list) or not entries:
-        raise MixtureError(f"{yaml_path}: 'datasets' must be a non-empty list")
+    spec, entries = read_spec(yaml_path)
     parts, ratios = [], []
     for k, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "path" not in entry or set(entry) - _ENTRY_KEYS:
-            raise MixtureError(
-                f"{yaml_path}: datasets[{k}] needs 'path' and only {sorted(_ENTRY_KEYS)}, got {entry}"
-            )
-        path = yaml_path.parent / entry["path"]
-        root = yaml_path.parent / entry["root"] if "root" in entry else None
-        defaults = {k: entry[k] for k in ("intensity", "ct_window") if k in entry}
-        try:
-            records = load_records(path, root, on_error, defaults)
-        except RecordError as exc:
-            raise MixtureError(f"{yaml_path}: datasets[{k}]: {exc}") from exc
+        records = entry_records(yaml_path, k, entry, on_error)
         parts.append(InstructionDataset(records, processor, on_error=on_error, prune=prune))
         ratios.append(float(entry.get("ratio", 1.0)))
     return MixtureDataset(parts, ratios, spec.get("num_samples"), int(spec.get("seed", 0)))
