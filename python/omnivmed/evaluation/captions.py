@@ -121,6 +121,11 @@ def _bert_scorer(model_dir: str, num_layers: int | None):
     return BERTScorer(model_type=str(path), num_layers=layers), layers
 
 
+def bertscore_layer(model_dir: str | Path, num_layers: int | None = None) -> int:
+    """The layer whose embeddings BERTScore compares (default: the model's last)."""
+    return _bert_scorer(str(model_dir), num_layers)[1]
+
+
 def bertscore(ref: str, pred: str, model_dir: str | Path, num_layers: int | None = None) -> float:
     """BERTScore F1 of one pair with a local model (no idf weighting, no baseline
     rescaling), embeddings from layer `num_layers` (default: the last)."""

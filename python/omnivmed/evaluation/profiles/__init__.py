@@ -31,6 +31,20 @@ class Profile:
         self.options = options
         self.notes: list[str] = []  # said once in the report (e.g. a metric not computed)
 
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def add_meteor(self, scores: dict[str, float], ref: list[str], pred: list[str]) -> None:
+        """METEOR when WordNet is on disk; else no value, and a note that says why."""
+        from .. import captions
+
+        value = captions.meteor(ref, pred)
+        if value is None:
+            self.note("METEOR not computed: " + captions.wordnet()[1])
+        else:
+            scores["meteor"] = value
+
     def check_reference(self, ref: dict, where: str) -> None:
         for name in self.required_fields:
             if ref.get(name) in (None, ""):

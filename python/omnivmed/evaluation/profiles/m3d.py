@@ -36,20 +36,15 @@ class M3DProfile(Profile):
         ref_tokens, pred_tokens = str(ref["answer"]).lower().split(), out.lower().split()
         scores = {"bleu1": captions.bleu(ref_tokens, pred_tokens, 1, smooth=False)}
         scores["rouge1"] = captions.rouge(ref_tokens, pred_tokens)["rouge1"]
-        meteor = captions.meteor(ref_tokens, pred_tokens)
-        if meteor is None:
-            note = "METEOR not computed: " + captions.wordnet()[1]
-            if note not in self.notes:
-                self.notes.append(note)
-        else:
-            scores["meteor"] = meteor
+        self.add_meteor(scores, ref_tokens, pred_tokens)
         model = self.options.get("bertscore_model")
         if model:
             layers = self.options.get("bertscore_layers")
             scores["bertscore"] = captions.bertscore(str(ref["answer"]), out, model, layers)
-            note = f"BERTScore: F1 with {model}, layer {captions._bert_scorer(str(model), layers)[1]}, no idf, no rescaling"
+            self.note(f"BERTScore: F1 with {model}, layer {captions.bertscore_layer(model, layers)}, "
+                      "no idf, no rescaling")  # fmt: skip
         else:
-            note = "BERTScore not computed: it needs a local model folder (--bertscore-model; never downloaded)"
-        if note not in self.notes:
-            self.notes.append(note)
+            self.note(
+                "BERTScore not computed: it needs a local model folder (--bertscore-model; never downloaded)"
+            )
         return {"rule": "open"}, scores

@@ -155,12 +155,6 @@ class StrictProfile(Profile):
         for n in (1, 2, 3, 4):
             scores[f"bleu{n}"] = captions.bleu(ref_tokens, pred_tokens, n)
         scores.update(captions.rouge(ref_tokens, pred_tokens))
-        meteor = captions.meteor(ref_tokens, pred_tokens)
-        if meteor is None:
-            note = "METEOR not computed: " + captions.wordnet()[1]
-            if note not in self.notes:
-                self.notes.append(note)
-        else:
-            scores["meteor"] = meteor
+        self.add_meteor(scores, ref_tokens, pred_tokens)
         details["rule"] = "open"
         return details, scores
