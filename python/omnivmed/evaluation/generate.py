@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from ..data.records import Record, load_records
+from ..inference.prompting import left_pad, prompt_ids
 from ..processing.processor import Media, OmniVMedProcessor
-from ..processing.prompt import expand_markers
 from .profiles import ScoringError
 
 RUN_FILE = "run.json"
@@ -76,10 +76,8 @@ def _prepare(processor: OmniVMedProcessor, tokenizer, record: Record, blank_visu
             o = processor.options
             visual.pixel_values = blank_pixels(visual.pixel_values, o.image_mean, o.image_std)
         counts = list(visual.token_counts)
-    messages = expand_markers([{"role": "user", "content": question}], counts,
-                              processor.config.image_token, record.id)  # fmt: skip
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    ids = prompt_ids(tokenizer, [{"role": "user", "content": question}], counts,
+                     processor.config.image_token, record.id)  # fmt: skip
     processor.check_length(ids.numel(), sum(counts), record.id)
     return ids, visual
 
@@ -94,12 +92,9 @@ def answer_records(model, tokenizer, processor: OmniVMedProcessor, records: list
 
     device = next(model.parameters()).device
     prepared = [_prepare(processor, tokenizer, r, blank_visual) for r in records]
-    longest = max(ids.numel() for ids, _ in prepared)
     pad = tokenizer.pad_token_id
-    input_ids = torch.full((len(prepared), longest), pad, dtype=torch.long)
-    mask = torch.zeros((len(prepared), longest), dtype=torch.long)
-    for i, (ids, _) in enumerate(prepared):
-        input_ids[i, longest - ids.numel() :], mask[i, longest - ids.numel() :] = ids, 1
+    input_ids, mask = left_pad([ids for ids, _ in prepared], pad)
+    longest = input_ids.shape[1]
     visuals = [v for _, v in prepared if v is not None]
     visual_inputs = concat_visual(visuals) if visuals else {}
     visual_inputs = {k: v.to(device) for k, v in visual_inputs.items()}

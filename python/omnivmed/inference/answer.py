@@ -11,7 +11,7 @@ import torch
 
 from ..models.kinds import VisualKind
 from ..processing.processor import Media, OmniVMedProcessor, ProcessorOptions
-from ..processing.prompt import expand_markers
+from .prompting import prompt_ids
 
 _MARKER = {VisualKind.IMAGE: "<image>", VisualKind.VIDEO: "<video>", VisualKind.VOLUME: "<image3d>"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,15 +75,12 @@ def answer_questions(model, tokenizer, kind: VisualKind, path: str | Path, quest
     for question in questions:
         start = time.perf_counter()
         turn = [{"role": "user", "content": f"{_MARKER[kind]}\n{question}"}]
-        messages = expand_markers(turn, visual.token_counts, model.config.image_token)
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
-        processor.check_length(inputs["input_ids"].shape[1], visual.token_counts[0], "question")
-        out = model.generate(**inputs, **visual_inputs, max_new_tokens=max_new_tokens, do_sample=False,
+        ids = prompt_ids(tokenizer, turn, visual.token_counts, model.config.image_token)
+        processor.check_length(ids.numel(), visual.token_counts[0], "question")
+        out = model.generate(input_ids=ids[None].to(device), attention_mask=torch.ones_like(ids)[None].to(device),
+                             **visual_inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-        text = tokenizer.decode(
-            out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-        ).strip()
+        text = tokenizer.decode(out[0, ids.numel() :], skip_special_tokens=True).strip()
         answers.append(Answer(question, text, visual.token_counts[0], visual.unpruned_counts[0],
                               time.perf_counter() - start))  # fmt: skip
     return answers

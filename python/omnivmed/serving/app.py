@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..inference.prompting import prompt_ids
 from ..processing.errors import MediaError
 from ..processing.processor import Media, OmniVMedProcessor
-from ..processing.prompt import expand_markers
 from .engine import Engine, Job
 from .requests import MediaResolver, ParsedRequest, RequestError, parse_messages, parse_sampling
 
@@ -74,13 +74,18 @@ def create_app(model, tokenizer, options, settings: ServeSettings):
             except MediaError as exc:
                 raise RequestError(400, str(exc)) from None
             counts = list(visual.token_counts)
-        chat = expand_markers(parsed.messages, counts, model.config.image_token, "request")
-        prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        ids = prompt_ids(tokenizer, parsed.messages, counts, model.config.image_token, "request")
         if ids.numel() > settings.max_prompt_tokens:
             raise RequestError(422, f"the prompt has {ids.numel()} tokens ({sum(counts)} visual); "
                                     f"this server allows {settings.max_prompt_tokens}")  # fmt: skip
         return ids, visual
+
+    def busy():
+        return _error(
+            429,
+            f"{settings.max_concurrent} requests are in flight; retry later",
+            "rate_limit_error",
+        )
 
     async def read_json(request: Request) -> dict:
         """The API key checked, the body read within its byte limit, parsed as an object."""
@@ -143,11 +148,7 @@ def create_app(model, tokenizer, options, settings: ServeSettings):
         from .requests import PART_KINDS
 
         if in_flight["n"] >= settings.max_concurrent:
-            return _error(
-                429,
-                f"{settings.max_concurrent} requests are in flight; retry later",
-                "rate_limit_error",
-            )
+            return busy()
         in_flight["n"] += 1
         workdir = tempfile.TemporaryDirectory(prefix="omnivmed-preview-")
         try:
@@ -185,11 +186,7 @@ def create_app(model, tokenizer, options, settings: ServeSettings):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         if in_flight["n"] >= settings.max_concurrent:
-            return _error(
-                429,
-                f"{settings.max_concurrent} requests are in flight; retry later",
-                "rate_limit_error",
-            )
+            return busy()
         # The slot is freed when the engine is through with the job (or at once when the
         # request never reaches it), so queued work counts against the limit too.
         in_flight["n"] += 1

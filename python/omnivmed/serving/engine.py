@@ -172,15 +172,11 @@ class Engine:
     @torch.no_grad()
     def _generate(self, batch: list[Job]) -> None:
         from ..data.collator import concat_visual
+        from ..inference.prompting import left_pad
 
         self.batches += 1
         tok = self.tokenizer
-        longest = max(j.input_ids.numel() for j in batch)
-        ids = torch.full((len(batch), longest), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, j in enumerate(batch):
-            ids[i, longest - j.input_ids.numel() :] = j.input_ids
-            mask[i, longest - j.input_ids.numel() :] = 1
+        ids, mask = left_pad([j.input_ids for j in batch], tok.pad_token_id)
         visuals = [j.visual for j in batch if j.visual is not None]
         visual_inputs = {
             k: v.to(self.device) for k, v in (concat_visual(visuals) if visuals else {}).items()
