@@ -6,6 +6,7 @@
 
     omnivmed-data convert slake --input SLAKE/ --out data/slake.jsonl   # official layout -> records
     omnivmed-data validate data/slake.jsonl --data-root SLAKE/            # schema + media on disk
+    omnivmed-data clips data/endovis18.jsonl --data-root EndoVis18/ --out clips/ --window 8
 
 `tokens` runs the processor over a data file or mixture, as training reads it (the media
 settings of a stage YAML, the packaged stage 3 by default, or of a saved model), and
@@ -170,6 +171,22 @@ def captions(args) -> int:
     return 0
 
 
+def clips(args) -> int:
+    from ..data.clips import ClipSettings, cut_clips
+
+    settings = ClipSettings(window=args.window, stride=args.stride, edge=args.edge,
+                            format=args.format, fps=args.fps)  # fmt: skip
+    summary = cut_clips(args.records, args.data_root, args.out, settings)
+    print(f"{summary['clips']} clips ({summary['clips_reused']} kept from an earlier run) around "
+          f"{summary['annotated_frames']} annotated frames; {summary['clip_records']} clip "
+          f"records -> {Path(args.out) / 'clip_records.jsonl'} (data root {summary['data_root']})")  # fmt: skip
+    for reason, n in summary["skipped"].items():
+        if n:
+            print(f"  left out {n} frames: {reason.replace('_', ' ')} "
+                  f"(e.g. {summary['skipped_examples'][reason][0]})")  # fmt: skip
+    return 0
+
+
 def validate(args) -> int:
     from ..data.validate import validate_file
 
@@ -228,6 +245,17 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--timeout", type=float, default=60.0)
     cap.add_argument("--retries", type=int, default=3)
     cap.add_argument("--out", required=True)
+    clp = sub.add_parser("clips", help="short clips around the annotated frames of surgical VQA")
+    clp.add_argument("records", help="a converted frame-level file (endovis18-vqa, ...)")
+    clp.add_argument("--data-root", help="its media root, the release (default: the file's folder)")
+    clp.add_argument("--out", required=True, help="folder for the clips and their records")
+    clp.add_argument("--window", type=int, default=8, help="frames per clip (default 8)")
+    clp.add_argument("--stride", type=int, default=1, help="source frames between clip frames")
+    clp.add_argument("--edge", choices=("shift", "skip"), default="shift",
+                     help="near a sequence's ends: move the window inside it, or leave the frame out")  # fmt: skip
+    clp.add_argument("--format", choices=("frames", "mp4"), default="frames")
+    clp.add_argument("--fps", type=float, default=1.0,
+                     help="mp4 frame rate (the frames' own rate divided by --stride)")  # fmt: skip
     val = sub.add_parser("validate", help="check a data file and its media without training")
     val.add_argument("data")
     val.add_argument("--data-root", help="media root (default: the file's folder)")
@@ -239,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             "convert": convert,
             "mix": mix,
             "captions": captions,
+            "clips": clips,
             "validate": validate,
         }[args.command](args)
     except (ValueError, OSError) as exc:  # bad settings, data or model folders

@@ -1,0 +1,136 @@
+"""omnivmed-data clips: clips of consecutive frames around annotated frames, inside their
+sequence, as frame folders or mp4; readable as videos; resumable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from omnivmed.cli.data import main
+from omnivmed.data.clips import ClipError, ClipSettings, clip_positions, cut_clips
+from omnivmed.data.converters import convert_dataset
+from omnivmed.data.records import load_records
+from omnivmed.processing.readers import read_video
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 8])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("length", [1, 7, 20])
+def test_clip_positions_stay_inside_and_keep_the_annotated_frame(window, stride, length):
+    settings = ClipSettings(window=window, stride=stride)
+    for center in range(length):
+        positions = clip_positions(center, length, settings)
+        if settings.span > length:
+            assert positions is None
+            continue
+        assert positions is not None and center in positions
+        assert len(positions) == window and positions[0] >= 0 and positions[-1] < length
+        assert all(b - a == stride for a, b in zip(positions, positions[1:], strict=False))
+        middle = (window - 1) // 2
+        inside = (
+            center - middle * stride >= 0 and center - middle * stride + settings.span <= length
+        )
+        if inside:  # away from the ends the annotated frame is in the middle
+            assert positions.index(center) == middle
+        skip = clip_positions(
+            center, length, ClipSettings(window=window, stride=stride, edge="skip")
+        )
+        assert (skip == positions) if inside else skip is None
+
+
+def test_bad_settings_are_refused():
+    for kwargs, message in (({"window": 0}, "window"), ({"stride": 0}, "stride"),
+                            ({"edge": "pad"}, "edge"), ({"format": "gif"}, "format"),
+                            ({"fps": 0}, "fps")):  # fmt: skip
+        with pytest.raises(ClipError, match=message):
+            ClipSettings(**kwargs)
+
+
+def endovis_tree(root: Path, frames_per_sequence: dict[int, int]) -> Path:
+    """Frames numbered frame000..; questions on every other frame of each sequence."""
+    for seq in (1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 14, 15, 16):
+        n = frames_per_sequence.get(seq, 1)
+        qa = root / f"seq_{seq}" / "vqa" / "Classification"
+        qa.mkdir(parents=True)
+        for f in range(n):
+            frame = root / f"seq_{seq}" / "left_frames" / f"frame{f:03d}.png"
+            frame.parent.mkdir(parents=True, exist_ok=True)
+            # Each frame's pixels encode (sequence, frame) so clips can be checked by content.
+            Image.fromarray(np.full((48, 64, 3), (seq * 10, f * 5, 0), np.uint8)).save(frame)
+            if f % 2 == 0:
+                (qa / f"frame{f:03d}_QA.txt").write_text(
+                    "What organ is being operated?|kidney\nWhere is clasper located?|left-top\n"
+                )
+    return root
+
+
+def test_frame_clips_around_annotated_frames(tmp_path, capsys):
+    root = endovis_tree(tmp_path / "endovis", {1: 12, 2: 11, 3: 3})
+    convert_dataset("endovis18-vqa", root, tmp_path / "e.jsonl")
+    out = tmp_path / "clips"
+    argv = ["clips", str(tmp_path / "e.jsonl"), "--data-root", str(root), "--out", str(out),
+            "--window", "4", "--stride", "2"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "clips.summary.json").read_text())
+    # seq 1: 6 annotated frames, seq 2: 6; seq 3 (3 frames) and the one-frame sequences are
+    # shorter than a clip's span of 7 frames.
+    assert summary["clips_per_sequence"] == {"seq_1/left_frames": 6, "seq_2/left_frames": 6}
+    assert summary["skipped"]["sequence_too_short"] == summary["annotated_frames"] - 12
+    assert "left out" in capsys.readouterr().out
+    clips = [json.loads(x) for x in (out / "clips.jsonl").read_text().splitlines()]
+    first = next(c for c in clips if c["annotated_frame"] == "seq_1/left_frames/frame000.png")
+    # At the start of the sequence the window moves inside it: frame 0 is the first slot.
+    assert first["frames"] == [f"seq_1/left_frames/frame{i:03d}.png" for i in (0, 2, 4, 6)]
+    assert first["clip_center"] == 0
+    middle = next(c for c in clips if c["annotated_frame"] == "seq_1/left_frames/frame006.png")
+    assert middle["frames"][middle["clip_center"]] == middle["annotated_frame"]
+    assert middle["clip_center"] == 1  # (window - 1) // 2
+    for clip in clips:  # never across sequences
+        assert {Path(f).parent.as_posix() for f in clip["frames"]} == {clip["sequence"]}
+    # The clip folder reads as a video whose frames are the listed source frames.
+    video = read_video(out / middle["video"], max_frames=None)
+    expected = [int(Path(f).stem[5:]) * 5 for f in middle["frames"]]
+    assert [round(float(v[0, 0, 1]) * 255) for v in video.frames] == expected
+    # Clip records: the same questions asked of the clip; they load for training.
+    records = load_records(out / "clip_records.jsonl", out)
+    assert len(records) == 2 * len(clips)
+    assert records[0].conversations[0]["value"].startswith("<video>\n")
+    by_id = {r.id: r for r in records}
+    rec = by_id[f"{first['records'][0]}-clip"]
+    assert rec.media[0][1] == (out / first["video"]).resolve()
+    assert rec.meta["clip_center"] == 0 and rec.meta["split"] == "validation"
+
+
+def test_skip_edge_mp4_and_resume(tmp_path):
+    pytest.importorskip("av")
+    root = endovis_tree(tmp_path / "endovis", {1: 9})
+    convert_dataset("endovis18-vqa", root, tmp_path / "e.jsonl")
+    out = tmp_path / "clips"
+    settings = ClipSettings(window=3, stride=1, edge="skip", format="mp4", fps=2.0)
+    summary = cut_clips(tmp_path / "e.jsonl", root, out, settings)
+    # Annotated frames 0, 2, 4, 6, 8 of seq 1: 0 and 8 sit at the ends.
+    assert summary["clips"] == 3 and summary["skipped"]["too_close_to_an_end"] == 2
+    clips = [json.loads(x) for x in (out / "clips.jsonl").read_text().splitlines()]
+    video = read_video(out / clips[0]["video"], max_frames=None)
+    assert video.frames.shape == (3, 48, 64, 3)
+    assert abs(video.timestamps[1] - 0.5) < 1e-6
+    greens = [float(v[..., 1].mean()) * 255 for v in video.frames]
+    assert np.allclose(greens, [5, 10, 15], atol=3)  # frames 1, 2, 3 in order
+    # A rerun keeps the finished clips; a half-written one (a crash) is redone.
+    (out / "clips" / Path(clips[1]["video"]).name).unlink()
+    (out / "clips" / "leftover.tmp.mp4").write_bytes(b"partial")
+    again = cut_clips(tmp_path / "e.jsonl", root, out, settings)
+    assert again["clips_reused"] == 2 and again["sha256"] == summary["sha256"]
+
+
+def test_records_that_are_not_single_frames_are_refused(tmp_path):
+    (tmp_path / "v.png").write_bytes(b"")
+    rows = [{"id": "x", "images": ["v.png", "v.png"],
+             "conversations": [{"from": "human", "value": "<image><image>\nQ"}]}]  # fmt: skip
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ClipError, match="sample 'x' has 2 media"):
+        cut_clips(tmp_path / "r.jsonl", tmp_path, tmp_path / "o", ClipSettings())
