@@ -3,6 +3,7 @@ sequence, as frame folders or mp4; readable as videos; resumable."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def test_clip_positions_stay_inside_and_keep_the_annotated_frame(window, stride,
             continue
         assert positions is not None and center in positions
         assert len(positions) == window and positions[0] >= 0 and positions[-1] < length
-        assert all(b - a == stride for a, b in zip(positions, positions[1:], strict=False))
+        assert all(b - a == stride for a, b in itertools.pairwise(positions))
         middle = (window - 1) // 2
         inside = (
             center - middle * stride >= 0 and center - middle * stride + settings.span <= length
