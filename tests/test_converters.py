@@ -200,9 +200,8 @@ def test_m3d_vqa(tmp_path):
     summary = convert_dataset("m3d-vqa", root, tmp_path / "m3d.jsonl")
     assert summary["records"] == 6 and summary["counts"]["question_type"] == {"organ": 6}
     closed, open_ = read_jsonl(tmp_path / "m3d.jsonl")[:2]
-    assert closed["volumes"] == ["vol/train.npy"] and closed["conversations"][0][
-        "value"
-    ].startswith("<image3d>")
+    assert closed["volumes"] == [{"path": "vol/train.npy", "intensity": "none"}]
+    assert closed["conversations"][0]["value"].startswith("<image3d>")
     assert (
         closed["answer_choice"] == "A" and open_["answer_type"] == "open" and "choices" not in open_
     )
@@ -292,3 +291,252 @@ def test_endovis18_vqa_by_sequence(tmp_path):
         ConversionError, match=r"seq_16.*is missing: expected the question files of sequence 16"
     ):
         convert_dataset("endovis18-vqa", root, tmp_path / "e.jsonl")
+
+
+# ---- Cholec80-VQA and PSI-AVA-VQA ---------------------------------------------------------
+@pytest.mark.parametrize("frames", ["cropped_image", "cropped_images"])
+def test_cholec80_vqa_by_video(tmp_path, frames):
+    root = tmp_path / "c80"
+    for video in range(1, 41):
+        qa = root / "Classification" / str(video)
+        qa.mkdir(parents=True)
+        for frame in (0, 100, 150):  # 150 is not a question frame of the release
+            image(root / frames / str(video) / f"{frame}.png", video)
+            (qa / f"{frame}_QA.txt").write_text(
+                "what is the phase of image?|preparation\nis grasper used in preparation?|yes\n"
+                "how many tools are operating?|1\n\n" + ("no bar here\n" if video == 5 else "")
+            )
+    summary = convert_dataset("cholec80-vqa", root, tmp_path / "c.jsonl")
+    assert summary["counts"]["split"] == {"train": 32 * 6, "validation": 8 * 6}
+    assert summary["counts"]["question_type"] == {"count": 80, "phase": 80, "tool": 80}
+    assert summary["left_out_by_rule"] == {"frame number not a multiple of 100": 40}
+    assert list(summary["problems"]) == [str(root / "Classification/5/0_QA.txt"),
+                                         str(root / "Classification/5/100_QA.txt")]  # fmt: skip
+    rec = read_jsonl(tmp_path / "c.jsonl")[0]
+    assert rec["images"] == [f"{frames}/1/0.png"] and rec["split"] == "train"
+    other = "cropped_images" if frames == "cropped_image" else "cropped_image"
+    (root / other).mkdir()
+    with pytest.raises(ConversionError, match=r"both \['cropped_image', 'cropped_images'\]"):
+        convert_dataset("cholec80-vqa", root, tmp_path / "c.jsonl")
+
+
+def test_psi_ava_vqa(tmp_path):
+    root = tmp_path / "psi"
+    for case in ("CASE001", "CASE021"):
+        image(root / "keyframes" / case / "00001.jpg")
+    for folder, case in (("Train", "CASE001"), ("Val", "CASE021")):
+        (root / folder).mkdir(parents=True)
+        for file, q, a in (("C1_location.txt", "Where is the Bipolar Forceps located ?", "top left"),
+                           ("C3_phase.txt", "What is the phase?", "LPAD"),
+                           ("C4_step.txt", "What is the step?", "Anudar")):  # fmt: skip
+            (root / folder / file).write_text(f"{case}/00001.jpg|{q}|{a}\n"
+                                              f"{case}/99999.jpg|{q}|{a}\nonly|two\n../x.jpg|{q}|{a}\n")  # fmt: skip
+        (root / folder / "C2_action.txt").write_text(f"{case}/00001.jpg|What action?|['Hold']\n")
+    summary = convert_dataset("psi-ava-vqa", root, tmp_path / "p.jsonl")
+    assert summary["counts"]["split"] == {"train": 3, "validation": 3}
+    assert summary["counts"]["question_type"] == {"location": 2, "phase": 2, "step": 2}
+    assert sum(summary["problems"].values()) == 18  # a missing frame, a short line, a bad path
+    rec = read_jsonl(tmp_path / "p.jsonl")[0]
+    assert rec["images"] == ["keyframes/CASE001/00001.jpg"] and rec["case"] == "CASE001"
+    (root / "Val" / "C1_location.txt").write_text("CASE001/00001.jpg|Where?|top left\n")
+    with pytest.raises(ConversionError, match="appear in more than one split"):
+        convert_dataset("psi-ava-vqa", root, tmp_path / "p.jsonl")
+
+
+# ---- OmniMedVQA and PubMedVision ----------------------------------------------------------
+def test_omnimedvqa(tmp_path):
+    root = tmp_path / "omni"
+    image(root / "Images" / "ACRIMA" / "Im553_g_ACRIMA.png")
+    qa = root / "QA_information" / "Open-access"
+    qa.mkdir(parents=True)
+    base = {"dataset": "ACRIMA", "question_type": "Modality Recognition", "image_path": "Images/ACRIMA/Im553_g_ACRIMA.png",
+            "question": "What imaging technique is shown?", "modality_type": "Fundus Photography"}  # fmt: skip
+    rows = [
+        {**base, "question_id": "ACRIMA_0000", "gt_answer": "Fundus imaging", "option_A": "CT",
+         "option_B": "MRI", "option_C": "X-ray", "option_D": "Fundus imaging"},
+        {**base, "question_id": "ACRIMA_0001", "gt_answer": "Yes", "option_A": "Yes", "option_B": "No"},
+        {**base, "question_id": "ACRIMA_0002", "gt_answer": "Maybe", "option_A": "Yes", "option_B": "No"},
+        {**base, "question_id": "ACRIMA_0000", "gt_answer": "CT", "option_A": "CT", "option_B": "MRI"},
+    ]  # fmt: skip
+    (qa / "ACRIMA.json").write_text(json.dumps(rows))
+    summary = convert_dataset("omnimedvqa", root, tmp_path / "o.jsonl")
+    assert summary["counts"]["split"] == {"test": 2}
+    assert summary["problems"] == {str(qa / "ACRIMA.json"): 2}  # no option matches; duplicate id
+    first, second = read_jsonl(tmp_path / "o.jsonl")
+    assert first["answer_choice"] == "D" and first["choices"][3] == "Fundus imaging"
+    assert (
+        second["choices"] == ["Yes", "No"]
+        and "Choices: A. Yes B. No" in second["conversations"][0]["value"]
+    )
+    assert first["modality"] == "Fundus Photography" and first["source_dataset"] == "ACRIMA"
+
+
+def test_pubmedvision(tmp_path):
+    root = tmp_path / "pmv"
+    for n in range(3):
+        image(root / "images" / f"pmc_{n}_0.jpg", n)
+    rows = [
+        {"id": "Alignment_VQA_0", "image": ["images/pmc_0_0.jpg", "images/pmc_1_0.jpg"], "modality": "CT",
+         "body_part": "Chest", "conversations": [{"from": "human", "value": "Describe both."},
+                                                  {"from": "gpt", "value": "Two CT slices."}]},
+        {"id": "Alignment_VQA_1", "image": ["images/pmc_2_0.jpg"],
+         "conversations": [{"from": "human", "value": "<image>\n<image>\nWhat?"}, {"from": "gpt", "value": "x"}]},
+        {"id": "Alignment_VQA_2", "image": ["images/pmc_9_0.jpg"],
+         "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "x"}]},
+    ]  # fmt: skip
+    (root / "PubMedVision_Alignment_VQA.json").write_text(json.dumps(rows))
+    summary = convert_dataset("pubmedvision-alignment", root, tmp_path / "a.jsonl")
+    assert summary["records"] == 1 and summary["matches_documented_counts"] is False
+    problems = summary["problems"][str(root / "PubMedVision_Alignment_VQA.json")]
+    assert problems == 2  # two markers for one image; the missing pmc_9_0.jpg
+    rec = read_jsonl(tmp_path / "a.jsonl")[0]
+    assert rec["conversations"][0]["value"] == "<image>\n<image>\nDescribe both."
+    assert rec["answer"] == "Two CT slices." and rec["body_part"] == "Chest"
+    assert len(load_records(tmp_path / "a.jsonl", root)[0].media) == 2
+    with pytest.raises(ConversionError, match="PubMedVision_InstructionTuning_VQA.json is missing"):
+        convert_dataset("pubmedvision-instruct", root, tmp_path / "i.jsonl")
+
+
+# ---- M3D-Cap and MedM-VL ------------------------------------------------------------------
+def test_m3d_cap(tmp_path):
+    from omnivmed.processing.readers import read_volume
+
+    root = tmp_path / "m3d"
+    table = {}
+    for split in ("train", "validation", "test"):
+        case = root / "M3D_Cap_npy" / "ct_quizze" / f"{split}01"
+        case.mkdir(parents=True)
+        np.save(
+            case / "Axial.npy", np.random.default_rng(0).random((1, 4, 16, 16)).astype(np.float32)
+        )
+        (case / "text.txt").write_text(
+            "  The liver shows a hypodense lesion.\n" if split != "test" else "\n"
+        )
+        table[split] = [{"image": f"M3D_Cap_npy/ct_quizze/{split}01/Axial.npy",
+                         "text": f"M3D_Cap_npy/ct_quizze/{split}01/text.txt"}]  # fmt: skip
+    table["train"].append({"image": "M3D_Cap_npy/none.npy", "text": "x.txt"})
+    (root / "M3D_Cap_npy" / "M3D_Cap.json").write_text(json.dumps(table))
+    summary = convert_dataset("m3d-cap", root, tmp_path / "cap.jsonl")
+    assert summary["counts"]["split"] == {"train": 1, "validation": 1}
+    assert summary["problems"] == {
+        str(root / "M3D_Cap_npy/M3D_Cap.json"): 2
+    }  # empty report, missing volume
+    rec = load_records(tmp_path / "cap.jsonl", root)[0]
+    assert rec.meta["answer"] == "The liver shows a hypodense lesion."
+    assert rec.conversations[0]["value"].startswith("<image3d>\n") and rec.media[0][2] == {
+        "intensity": "none"
+    }
+    assert read_volume(rec.media[0][1]).data.shape == (4, 16, 16)
+    (root / "M3D_Cap_npy" / "M3D_Cap.json").write_text(json.dumps({"train": []}))
+    with pytest.raises(ConversionError, match=r"\['validation', 'test'\] are missing"):
+        convert_dataset("m3d-cap", root, tmp_path / "cap.jsonl")
+
+
+def test_medm_vl_records(tmp_path):
+    root = tmp_path / "medm"
+    image(root / "img" / "a.png")
+    (root / "ct").mkdir(parents=True)
+    np.save(root / "ct" / "v.npy", np.full((4, 8, 8), -1000.0, np.float32))
+    train = [
+        {"id": "0", "image": ["img/a.png"], "task": "vqa", "data_source": "SLAKE",
+         "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Lung."}]},
+        {"id": "1", "image": ["img/a.png"], "conversations": [{"from": "human", "value": "What?"},
+                                                              {"from": "gpt", "value": "x"}]},
+    ]  # fmt: skip
+    infer = [
+        {"id": "long_answer_0", "image3d": ["ct/v.npy"], "answer": "No abnormality.",
+         "conversations": [{"from": "human", "value": "<image>\nAny findings?"}]},
+        {"id": "long_answer_1", "image3d": ["ct/v.npy"],
+         "conversations": [{"from": "human", "value": "<image3d>\nAny findings?"}]},
+    ]  # fmt: skip
+    (root / "finetune_2d.json").write_text(json.dumps(train))
+    (root / "inference_3d.json").write_text(json.dumps(infer))
+    summary = convert_dataset("medm-vl", root, tmp_path / "m.jsonl")
+    assert summary["counts"]["split"] == {"test": 1, "train": 1}
+    assert sum(summary["problems"].values()) == 2  # no marker; no answer
+    recs = {r.id: r for r in load_records(tmp_path / "m.jsonl", root)}
+    two_d = recs["medm-vl-finetune_2d-0"]
+    assert two_d.meta["dataset"] == "SLAKE" and two_d.meta["question_type"] == "vqa"
+    three_d = recs["medm-vl-inference_3d-long_answer_0"]
+    assert three_d.conversations[0]["value"].startswith("<image3d>\n")
+    assert three_d.conversations[-1] == {"from": "gpt", "value": "No abnormality."}
+    assert three_d.media[0][2] == {"intensity": "ct_window", "ct_window": (0.0, 2000.0)}
+    assert three_d.meta["split"] == "test"
+
+
+# ---- MIMIC-CXR ----------------------------------------------------------------------------
+REPORT = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+
+ INDICATION:  ___ with cough
+
+ COMPARISON:  None.
+
+ FINDINGS:
+ 
+ The lungs are clear.  There is no pleural effusion
+ or pneumothorax.
+ 
+ IMPRESSION:
+ 
+ No acute cardiopulmonary process.
+"""
+
+
+def test_report_sections():
+    from omnivmed.data.converters.mimic_cxr import report_sections
+
+    sections = report_sections(REPORT)
+    assert (
+        sections["findings"] == "The lungs are clear. There is no pleural effusion or pneumothorax."
+    )
+    assert sections["impression"] == "No acute cardiopulmonary process."
+    assert sections["examination"] == "CHEST (PA AND LAT)" and sections["comparison"] == "None."
+    other = report_sections(" PA AND LATERAL VIEWS OF THE CHEST:\n Heart size normal.\n"
+                            " FINDINGS AND IMPRESSION: Stable.\n CONCLUSION:\n \n")  # fmt: skip
+    assert other == {"findings": "Heart size normal.", "impression": "Stable."}
+    assert report_sections(" No headers at all.") == {}
+
+
+def test_mimic_cxr(tmp_path):
+    import gzip
+
+    root = tmp_path / "mimic"
+    rows = [("d1", "50000001", "10000001", "train", "PA"), ("d2", "50000001", "10000001", "train", "LATERAL"),
+            ("d3", "50000002", "10000002", "test", "AP"), ("d4", "50000003", "10000003", "validate", "PA"),
+            ("d5", "50000004", "10000004", "train", "PA"), ("d6", "50000005", "10000005", "nope", "PA")]  # fmt: skip
+    for dicom, study, subject, _, _ in rows:
+        image(root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg")
+    reports = {"50000001": REPORT, "50000002": REPORT, "50000003": " IMPRESSION: Clear lungs.\n"}
+    for dicom, study, subject, _, _ in rows:
+        if study in reports:
+            (root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}.txt").write_text(
+                reports[study]
+            )
+    with gzip.open(root / "mimic-cxr-2.0.0-split.csv.gz", "wt") as f:
+        f.write(
+            "dicom_id,study_id,subject_id,split\n"
+            + "".join(f"{d},{s},{p},{sp}\n" for d, s, p, sp, _ in rows)
+        )
+    (root / "mimic-cxr-2.0.0-metadata.csv").write_text(
+        "dicom_id,subject_id,study_id,ViewPosition\n" + "".join(f"{d},{p},{s},{v}\n" for d, s, p, _, v in rows)
+    )  # fmt: skip
+    summary = convert_dataset("mimic-cxr", root, tmp_path / "m.jsonl")
+    assert summary["counts"]["split"] == {"test": 1, "train": 1}
+    assert summary["left_out_by_rule"] == {
+        "report has no findings section": 1,
+        "view not frontal (LATERAL)": 1,
+    }
+    # d5's report is missing; d6's split is not an official one.
+    assert summary["problems"] == {str(root / "mimic-cxr-2.0.0-split.csv.gz"): 2}
+    rec = read_jsonl(tmp_path / "m.jsonl")[0]
+    assert rec["images"] == ["files/p10/p10000001/s50000001/d1.jpg"] and rec["view"] == "PA"
+    assert rec["answer"].startswith("The lungs are clear.") and rec["impression"].startswith(
+        "No acute"
+    )
+    (root / "mimic-cxr-2.0.0-metadata.csv").unlink()
+    with pytest.raises(ConversionError, match=r"mimic-cxr-2.0.0-metadata.csv.gz is missing"):
+        convert_dataset("mimic-cxr", root, tmp_path / "m.jsonl")
+    (root / "mimic-cxr-2.0.0-metadata.csv.gz").write_bytes(b"\x1f\x8b\x08 truncated")
+    with pytest.raises(ConversionError, match="not a readable table"):
+        convert_dataset("mimic-cxr", root, tmp_path / "m.jsonl")

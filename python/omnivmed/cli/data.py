@@ -117,6 +117,8 @@ def convert(args) -> int:
     if summary["images_in_several_splits"]:
         print(f"  {summary['images_in_several_splits']} images are shared across splits (the "
               "release splits questions, not images)")  # fmt: skip
+    for reason, n in summary["left_out_by_rule"].items():
+        print(f"  left out {n} entries by the source's rule: {reason}")
     for file, n in summary["problems"].items():
         print(
             f"  skipped {n} entries of {file} (malformed or missing image; --strict stops instead)"
@@ -215,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     tok.add_argument("--config", help="a stage YAML whose media settings to use (default: stage3)")
     tok.add_argument("--set", action="append", metavar="media.KEY=VALUE")
     tok.add_argument("--out", default="token_stats", help="folder for token_stats.json/.png")
+    from ..data.converters import converter_names
+
     conv = sub.add_parser("convert", help="a public dataset's release -> instruction records")
-    conv.add_argument("source", help="vqa-rad, slake, path-vqa, pmc-vqa, m3d-vqa")
+    conv.add_argument("source", help=", ".join(converter_names()))
     conv.add_argument("--input", required=True, help="the release, unpacked")
     conv.add_argument("--out", required=True, help="JSONL output (a .summary.json beside it)")
     conv.add_argument("--strict", action="store_true", help="stop at the first malformed entry")

@@ -36,6 +36,11 @@ class Problems:
 
     strict: bool = False
     by_file: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    # Entries a source's documented rule leaves out (not defects): reason -> count.
+    by_rule: Counter = field(default_factory=Counter)
+
+    def leave_out(self, reason: str) -> None:
+        self.by_rule[reason] += 1
 
     def add(self, file: str | Path, what: str) -> None:
         if self.strict:
@@ -115,6 +120,38 @@ class Converter:
         return question, answer, answer_type
 
     @staticmethod
+    def question_answer_lines(
+        source: Path, problems: Problems, fields: int = 2
+    ) -> Iterator[tuple[int, list[str]]]:
+        """(line number, its `fields` non-empty parts) of a "a|b[|c]" question file, the
+        surgical VQA releases' format; other lines are counted."""
+        try:
+            text = source.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConversionError(f"{source}: not UTF-8 text ({exc})") from None
+        shape = "|".join(["question", "answer"] if fields == 2 else ["image", "question", "answer"])
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = [p.strip() for p in line.split("|")]
+            if len(parts) != fields or not all(parts):
+                problems.add(source, f"line {number}: expected '{shape}', got {line.strip()!r}")
+                continue
+            yield number, parts
+
+    @staticmethod
+    def one_of_folders(root: Path, names: tuple[str, ...], what: str) -> str:
+        """The one of `names` that exists under root (releases name some folders two ways)."""
+        present = [n for n in names if (root / n).is_dir()]
+        if not present:
+            raise ConversionError(f"{root}: none of {list(names)} is there: expected {what}")
+        if len(present) > 1:
+            raise ConversionError(
+                f"{root}: both {present} are there; keep the one that holds {what}"
+            )
+        return present[0]
+
+    @staticmethod
     def image_ok(root: Path, relative: str, problems: Problems, source: Path, key: str) -> bool:
         if not (root / relative).is_file():
             problems.add(source, f"{key}: image {relative} is missing")
@@ -123,10 +160,13 @@ class Converter:
 
     @staticmethod
     def record(sample_id: str, image: str | None, question: str, answer: str, *, kind: str = "images",
-               marker: str = "<image>", **fields: Any) -> dict[str, Any]:  # fmt: skip
+               marker: str = "<image>", media_options: dict[str, Any] | None = None,
+               **fields: Any) -> dict[str, Any]:  # fmt: skip
+        """A one-turn record; `media_options` (e.g. {"intensity": "none"}) go with the
+        medium, as omnivmed's record format reads them."""
         rec: dict[str, Any] = {"id": sample_id}
         if image is not None:
-            rec[kind] = [image]
+            rec[kind] = [{"path": image, **media_options} if media_options else image]
             question = f"{marker}\n{question}"
         rec["conversations"] = [
             {"from": "human", "value": question},
@@ -137,10 +177,14 @@ class Converter:
         return rec
 
 
-def get_converter(name: str) -> Converter:
+def converter_names() -> list[str]:
     for info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{info.name}")
-    if name not in CONVERTERS:
+    return sorted(CONVERTERS)
+
+
+def get_converter(name: str) -> Converter:
+    if name not in converter_names():
         raise ConversionError(f"unknown source {name!r}; known: {sorted(CONVERTERS)}")
     return CONVERTERS[name]()
 
@@ -148,7 +192,9 @@ def get_converter(name: str) -> Converter:
 def _media(rec: dict) -> list[str]:
     # Normalised, so "images/test/../train/x.jpg" is the same image as "images/train/x.jpg".
     return [
-        os.path.normpath(p) for key in ("images", "volumes", "videos") for p in rec.get(key, [])
+        os.path.normpath(p["path"] if isinstance(p, dict) else p)
+        for key in ("images", "volumes", "videos")
+        for p in rec.get(key, [])
     ]
 
 
@@ -206,6 +252,7 @@ def convert_dataset(
         ),
         "images_in_several_splits": len(leaked),
         "problems": problems.counts(),
+        "left_out_by_rule": dict(sorted(problems.by_rule.items())),
         "output": str(out),
         "data_root": str(root.resolve()),
         "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),

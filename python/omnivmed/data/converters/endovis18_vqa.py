@@ -49,21 +49,10 @@ class EndoVis18Vqa(Converter):
                     image = f"seq_{seq}/left_frames/{match.group(1)}.png"
                     if not self.image_ok(root, image, problems, qa_file, "frame"):
                         continue
-                    lines = [
-                        x.strip()
-                        for x in qa_file.read_text(encoding="utf-8").splitlines()
-                        if x.strip()
-                    ]
-                    for n, line in enumerate(lines):
-                        question, sep, answer = line.partition("|")
-                        if not sep or not question.strip() or not answer.strip() or "|" in answer:
-                            problems.add(
-                                qa_file, f"line {n + 1}: expected 'question|answer', got {line!r}"
-                            )
-                            continue
+                    for number, (question, answer) in self.question_answer_lines(qa_file, problems):
                         yield self.record(
-                            f"endovis18-seq{seq}-{match.group(1)}-{n}", image, question.strip(),
-                            answer.strip(), dataset=self.dataset, split=split, modality="endoscopy",
+                            f"endovis18-seq{seq}-{match.group(1)}-{number}", image, question,
+                            answer, dataset=self.dataset, split=split, modality="endoscopy",
                             answer_type="closed", question_type=question_type(question),
-                            language="en", source_id=f"seq_{seq}/{qa_file.name}:{n + 1}",
+                            language="en", source_id=f"seq_{seq}/{qa_file.name}:{number}",
                         )  # fmt: skip

@@ -3,7 +3,8 @@ Text, Question Type, Question, Choice A..D, Answer, Answer Choice, and the `.npy
 the paths name (relative to the input folder). Every row gives two records: the
 multiple-choice question (closed; choices and the answer's letter) and the same question
 open-ended (the answer text), as M3D evaluates both. Question types 1..5 are Plane, Phase,
-Organ, Abnormality, Location. Splits are by volume."""
+Organ, Abnormality, Location. Splits are by volume. M3D's arrays are already scaled to
+[0, 1], so the volumes carry `intensity: none` (checked, never re-normalised)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 from . import Converter, Problems
 
 SPLITS = ("train", "val", "test")
+M3D_ARRAYS = {"intensity": "none"}  # M3D's .npy volumes are already in [0, 1]
 TYPES = {"1": "plane", "2": "phase", "3": "organ", "4": "abnormality", "5": "location"}
 COLUMNS = ("Image Path", "Question Type", "Question", "Choice A", "Choice B", "Choice C",
            "Choice D", "Answer", "Answer Choice")  # fmt: skip
@@ -42,9 +44,10 @@ class M3DVqa(Converter):
                 yield self.record(
                     f"m3d-vqa-{split}-{i}-closed", volume, f"{r['Question'].strip()} Choices: {options}",
                     f"{letter}. {choices['ABCD'.index(letter)]}", kind="volumes", marker="<image3d>",
-                    answer_type="closed", choices=choices, answer_choice=letter, **common,
+                    media_options=M3D_ARRAYS, answer_type="closed", choices=choices, answer_choice=letter, **common,
                 )  # fmt: skip
                 yield self.record(
                     f"m3d-vqa-{split}-{i}-open", volume, r["Question"].strip(), r["Answer"].strip(),
-                    kind="volumes", marker="<image3d>", answer_type="open", **common,
+                    kind="volumes", marker="<image3d>", media_options=M3D_ARRAYS,
+                    answer_type="open", **common,
                 )  # fmt: skip

@@ -1,0 +1,65 @@
+"""M3D-Cap (Bai et al., 2024): the split file `M3D_Cap_npy/M3D_Cap.json` (or `M3D_Cap.json`
+at the top) with lists `train`, `validation` and `test` of {image: a `.npy` volume,
+text: a `.txt` report}, both relative to the input folder (M3D's data root), as M3D's
+caption dataset reads them. Every entry becomes a report-generation record: the volume,
+a fixed request for the findings, and the report text as the answer (open). Splits are
+by volume. The arrays are already scaled to [0, 1] (`intensity: none`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from . import ConversionError, Converter, Problems
+from .m3d_vqa import M3D_ARRAYS
+
+SPLITS = ("train", "validation", "test")
+PROMPT = "Describe the findings of this CT scan."
+
+
+class M3DCap(Converter):
+    name = "m3d-cap"
+    dataset = "M3D-Cap"
+
+    def records(self, root: Path, problems: Problems) -> Iterator[dict[str, Any]]:
+        candidates = [root / "M3D_Cap_npy" / "M3D_Cap.json", root / "M3D_Cap.json"]
+        source = next((c for c in candidates if c.is_file()), None)
+        if source is None:
+            raise ConversionError(f"{candidates[0]} is missing: expected M3D-Cap's split file "
+                                  f"(or {candidates[1].name} in {root})")  # fmt: skip
+        try:
+            table = json.loads(source.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConversionError(f"{source}: not M3D-Cap's JSON ({exc})") from None
+        missing = [
+            s for s in SPLITS if not isinstance(table, dict) or not isinstance(table.get(s), list)
+        ]
+        if missing:
+            raise ConversionError(f"{source}: expected lists {list(SPLITS)}; {missing} are missing")
+        for split in SPLITS:
+            for i, entry in enumerate(table[split]):
+                key = f"{split} entry {i}"
+                if not isinstance(entry, dict) or not all(
+                    isinstance(entry.get(k), str) for k in ("image", "text")
+                ):
+                    problems.add(source, f"{key}: expected image and text paths")
+                    continue
+                volume, text_path = entry["image"], root / entry["text"]
+                if not self.image_ok(root, volume, problems, source, key):
+                    continue
+                try:
+                    report = text_path.read_text(encoding="utf-8").strip()
+                except (OSError, UnicodeDecodeError) as exc:
+                    problems.add(source, f"{key}: report {entry['text']} is unreadable ({exc})")
+                    continue
+                if not report:
+                    problems.add(source, f"{key}: report {entry['text']} is empty")
+                    continue
+                yield self.record(
+                    f"m3d-cap-{split}-{i}", volume, PROMPT, report, kind="volumes",
+                    marker="<image3d>", media_options=M3D_ARRAYS, dataset=self.dataset,
+                    split=split, modality="CT", answer_type="open", question_type="report",
+                    language="en", source_id=f"{split}/{i}",
+                )  # fmt: skip
