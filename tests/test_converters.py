@@ -393,7 +393,9 @@ def test_pubmedvision(tmp_path):
     assert rec["conversations"][0]["value"] == "<image>\n<image>\nDescribe both."
     assert rec["answer"] == "Two CT slices." and rec["body_part"] == "Chest"
     assert len(load_records(tmp_path / "a.jsonl", root)[0].media) == 2
-    with pytest.raises(ConversionError, match="PubMedVision_InstructionTuning_VQA.json is missing"):
+    with pytest.raises(
+        ConversionError, match=r"PubMedVision_InstructionTuning_VQA\.json is missing"
+    ):
         convert_dataset("pubmedvision-instruct", root, tmp_path / "i.jsonl")
 
 
@@ -465,22 +467,18 @@ def test_medm_vl_records(tmp_path):
 
 
 # ---- MIMIC-CXR ----------------------------------------------------------------------------
-REPORT = """                                 FINAL REPORT
- EXAMINATION:  CHEST (PA AND LAT)
-
- INDICATION:  ___ with cough
-
- COMPARISON:  None.
-
- FINDINGS:
- 
- The lungs are clear.  There is no pleural effusion
- or pneumothorax.
- 
- IMPRESSION:
- 
- No acute cardiopulmonary process.
-"""
+# Lines start with a space and blank lines hold one space, as in the release.
+REPORT = "\n".join([
+    "                                 FINAL REPORT",
+    " EXAMINATION:  CHEST (PA AND LAT)", " ",
+    " INDICATION:  ___ with cough", " ",
+    " COMPARISON:  None.", " ",
+    " FINDINGS:", " ",
+    " The lungs are clear.  There is no pleural effusion",
+    " or pneumothorax.", " ",
+    " IMPRESSION:", " ",
+    " No acute cardiopulmonary process.", "",
+])  # fmt: skip
 
 
 def test_report_sections():
@@ -508,7 +506,7 @@ def test_mimic_cxr(tmp_path):
     for dicom, study, subject, _, _ in rows:
         image(root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg")
     reports = {"50000001": REPORT, "50000002": REPORT, "50000003": " IMPRESSION: Clear lungs.\n"}
-    for dicom, study, subject, _, _ in rows:
+    for _, study, subject, _, _ in rows:
         if study in reports:
             (root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}.txt").write_text(
                 reports[study]
