@@ -135,3 +135,46 @@ def test_records_that_are_not_single_frames_are_refused(tmp_path):
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ClipError, match="sample 'x' has 2 media"):
         cut_clips(tmp_path / "r.jsonl", tmp_path, tmp_path / "o", ClipSettings())
+
+
+def test_clips_from_recorded_videos(tmp_path, capsys):
+    """Cholec80-style: frames named by their frame number in a 25 fps video; with the
+    videos present the clip's frames are decoded from them at the video's own spacing."""
+    av = pytest.importorskip("av")
+    pytest.importorskip("decord")
+    root = tmp_path / "c80"
+    (root / "videos").mkdir(parents=True)
+    with av.open(str(root / "videos" / "video01.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"crf": "0"}
+        for i in range(220):  # frame i is grey level i, so decoded clips show their positions
+            pixels = np.full((48, 64, 3), i, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    rows = [{"id": f"q{f}", "images": [f"cropped_image/{v}/{f}.png"], "split": "train",
+             "conversations": [{"from": "human", "value": "<image>\nWhat is the phase of image?"},
+                               {"from": "gpt", "value": "preparation"}]}
+            for v, f in ((1, 0), (1, 100), (1, 200), (2, 100))]  # fmt: skip
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["clips", str(data), "--data-root", str(root), "--out", str(tmp_path / "out"),
+            "--window", "5", "--stride", "10", "--source-video", "videos/video{sequence:0>2}.mp4"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "clips.summary.json").read_text())
+    assert summary["clips"] == 3 and summary["skipped"]["video_missing"] == 1  # no video02.mp4
+    clips = {c["annotated_frame"]: c for c in map(json.loads, (tmp_path / "out/clips.jsonl").read_text().splitlines())}  # fmt: skip
+    mid = clips["cropped_image/1/100.png"]
+    assert mid["frames"] == [f"videos/video01.mp4#{i}" for i in (80, 90, 100, 110, 120)]
+    assert mid["clip_center"] == 2
+    # Near the video's end the window moves inside it: frame 200 of 220 takes slot 3.
+    end = clips["cropped_image/1/200.png"]
+    assert end["frames"][-1] == "videos/video01.mp4#210" and end["clip_center"] == 3
+    assert clips["cropped_image/1/0.png"]["clip_center"] == 0
+    video = read_video(tmp_path / "out" / mid["video"], max_frames=None)
+    assert np.allclose(video.frames.mean(axis=(1, 2, 3)) * 255, [80, 90, 100, 110, 120], atol=2)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**rows[0], "images": ["cropped_image/1/last.png"]}) + "\n")
+    assert main(["clips", str(bad), "--data-root", str(root), "--out", str(tmp_path / "o2"),
+                 "--source-video", "videos/video{sequence:0>2}.mp4"]) == 2  # fmt: skip
+    assert "need frames named by their frame number" in capsys.readouterr().err

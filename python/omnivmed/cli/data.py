@@ -178,7 +178,7 @@ def clips(args) -> int:
 
     settings = ClipSettings(window=args.window, stride=args.stride, edge=args.edge,
                             format=args.format, fps=args.fps)  # fmt: skip
-    summary = cut_clips(args.records, args.data_root, args.out, settings)
+    summary = cut_clips(args.records, args.data_root, args.out, settings, args.source_video)
     print(f"{summary['clips']} clips ({summary['clips_reused']} kept from an earlier run) around "
           f"{summary['annotated_frames']} annotated frames; {summary['clip_records']} clip "
           f"records -> {Path(args.out) / 'clip_records.jsonl'} (data root {summary['data_root']})")  # fmt: skip
@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     clp.add_argument("--edge", choices=("shift", "skip"), default="shift",
                      help="near a sequence's ends: move the window inside it, or leave the frame out")  # fmt: skip
     clp.add_argument("--format", choices=("frames", "mp4"), default="frames")
+    clp.add_argument("--source-video", metavar="TEMPLATE",
+                     help="cut from recorded videos instead, e.g. 'videos/video{sequence:0>2}.mp4' "
+                     "({sequence}: the frame folder's name; frames named by frame number)")  # fmt: skip
     clp.add_argument("--fps", type=float, default=1.0,
                      help="mp4 frame rate (the frames' own rate divided by --stride)")  # fmt: skip
     val = sub.add_parser("validate", help="check a data file and its media without training")

@@ -12,8 +12,11 @@ beside it:
   inside the sequence (`edge="shift"`, the annotated frame stays on the clip's grid) or
   the frame is left out (`edge="skip"`); a sequence shorter than the clip's span is
   always left out, and counted;
+- or, where the release's frames are numbers of frames of recorded videos (Cholec80) and
+  the videos are there, the sequence is the video (`source_video`, a path template with
+  `{sequence}` for the frame folder's name) and the clip's frames are decoded from it;
 - clips are written as frame folders (hard links to the release's frames where the
-  filesystem allows, else copies) or as mp4 files (PyAV, H.264) at `fps`.
+  filesystem allows, else copies; PNGs of decoded video frames) or as mp4 files (PyAV, H.264) at `fps`.
 
 Outputs in the output folder, which is the data root of everything in it:
 `clips.jsonl` (one line per clip: id, video, the source frames, the annotated frame's
@@ -36,6 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from .records import load_records
@@ -116,37 +121,43 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _write_frames(frames: Sequence[Path], folder: Path) -> None:
+def _write_folder(frames: Sequence[Path | np.ndarray], folder: Path) -> None:
+    """Source frame files are linked; decoded frames (uint8 RGB) are written as PNG."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     width = max(3, len(str(len(frames))))
     for i, frame in enumerate(frames):
-        _link_or_copy(frame, tmp / f"{i:0{width}d}{frame.suffix.lower()}")
+        if isinstance(frame, Path):
+            _link_or_copy(frame, tmp / f"{i:0{width}d}{frame.suffix.lower()}")
+        else:
+            Image.fromarray(frame).save(tmp / f"{i:0{width}d}.png")
     tmp.rename(folder)
 
 
-def _write_mp4(frames: Sequence[Path], path: Path, fps: float) -> None:
+def _as_rgb8(frame: Path | np.ndarray) -> np.ndarray:
+    if not isinstance(frame, Path):
+        return frame
+    from ..processing.readers import read_image
+
+    pixels = read_image(frame)
+    if pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    return (pixels * 255.0).round().clip(0, 255).astype(np.uint8)
+
+
+def _write_mp4(frames: Sequence[Path | np.ndarray], path: Path, fps: float) -> None:
     try:
         import av
     except ImportError as exc:
         raise ClipError("writing mp4 clips needs PyAV (pip install av)") from exc
     from fractions import Fraction
 
-    import numpy as np
-
-    from ..processing.readers import read_image
-
-    tmp = path.with_name(path.stem + ".tmp.mp4")
-    images = []
-    for frame in frames:
-        pixels = read_image(frame)
-        if pixels.shape[2] == 1:
-            pixels = np.repeat(pixels, 3, axis=2)
-        images.append((pixels * 255.0).round().clip(0, 255).astype(np.uint8))
+    images = [_as_rgb8(f) for f in frames]
     if len({im.shape for im in images}) != 1:
-        raise ClipError(f"{frames[0].parent}: frames of one clip have different sizes")
+        raise ClipError(f"{path.name}: the frames of one clip have different sizes")
     height, width = images[0].shape[:2]
+    tmp = path.with_name(path.stem + ".tmp.mp4")
     with av.open(str(tmp), "w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         # H.264 in yuv420p needs even sizes; a border row or column is cropped, never padded.
@@ -160,15 +171,71 @@ def _write_mp4(frames: Sequence[Path], path: Path, fps: float) -> None:
     tmp.replace(path)
 
 
+class _FolderSequence:
+    """The frames in the annotated frame's folder."""
+
+    def __init__(self, folder: Path, root: Path) -> None:
+        self.name = folder.relative_to(root).as_posix()
+        self.files = sequence_frames(folder)
+        self.index = {f: i for i, f in enumerate(self.files)}
+        self.root = root
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def center(self, frame: Path) -> int:
+        return self.index[frame]
+
+    def frames(self, positions: list[int]) -> list[Path]:
+        return [self.files[i] for i in positions]
+
+    def describe(self, positions: list[int]) -> list[str]:
+        return [self.files[i].relative_to(self.root).as_posix() for i in positions]
+
+
+class _VideoSequence:
+    """A recorded video whose frame numbers name the annotated frames (Cholec80's frames
+    are numbers of frames of its 25 fps videos)."""
+
+    def __init__(self, path: Path, root: Path) -> None:
+        import decord
+
+        self.name = path.relative_to(root).as_posix()
+        try:
+            self.reader = decord.VideoReader(str(path), num_threads=1)
+        except Exception as exc:  # decord raises DECORDError for corrupt containers
+            raise ClipError(f"{path}: not a readable video ({exc})") from None
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def center(self, frame: Path) -> int:
+        if not frame.stem.isdigit():
+            raise ClipError(
+                f"{frame.name}: clips from a video need frames named by their frame number"
+            )
+        return int(frame.stem)
+
+    def frames(self, positions: list[int]) -> list[np.ndarray]:
+        return list(self.reader.get_batch(positions).asnumpy())
+
+    def describe(self, positions: list[int]) -> list[str]:
+        return [f"{self.name}#{i}" for i in positions]
+
+
 def cut_clips(
     records_file: str | Path,
     data_root: str | Path | None,
     out_dir: str | Path,
     settings: ClipSettings,
+    source_video: str | None = None,
 ) -> dict[str, Any]:
-    """Clips around the annotated frames of `records_file` (one clip per distinct frame)."""
+    """Clips around the annotated frames of `records_file` (one clip per distinct frame).
+    With `source_video` (a path under the data root in which `{sequence}` stands for the
+    name of the annotated frame's folder, e.g. "videos/video{sequence:0>2}.mp4"), clips
+    are cut from that video, the frame's name being its frame number there."""
     records_file = Path(records_file)
-    root = Path(data_root) if data_root is not None else records_file.parent
+    root = (Path(data_root) if data_root is not None else records_file.parent).resolve()
     out = Path(out_dir)
     records = load_records(records_file, root)
     by_frame: dict[Path, list] = {}
@@ -181,20 +248,35 @@ def cut_clips(
             )
         by_frame.setdefault(frames[0], []).append(rec)
     (out / "clips").mkdir(parents=True, exist_ok=True)
-    listings: dict[Path, dict[Path, int]] = {}  # sequence folder -> {frame: index}
+    sequences: dict[Path, _FolderSequence | _VideoSequence] = {}
     skipped: dict[str, list[str]] = {"sequence_too_short": [], "too_close_to_an_end": [],
-                                     "frame_missing": []}  # fmt: skip
+                                     "frame_missing": [], "video_missing": []}  # fmt: skip
     clip_lines, clip_records, per_sequence, reused = [], [], Counter(), 0
     for frame, recs in tqdm(by_frame.items(), desc="clips", unit="clip"):
-        relative = frame.relative_to(root.resolve()).as_posix()
-        if not frame.is_file():
-            skipped["frame_missing"].append(relative)
-            continue
-        folder = frame.parent
-        if folder not in listings:
-            listings[folder] = {f: i for i, f in enumerate(sequence_frames(folder))}
-        sequence = list(listings[folder])
-        center = listings[folder][frame]
+        relative = frame.relative_to(root).as_posix()
+        if source_video is None:
+            if not frame.is_file():
+                skipped["frame_missing"].append(relative)
+                continue
+            key = frame.parent
+            if key not in sequences:
+                sequences = {key: _FolderSequence(key, root)}  # one sequence open at a time
+        else:
+            try:
+                key = (root / source_video.format(sequence=frame.parent.name)).resolve()
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ClipError(f"source video {source_video!r}: only {{sequence}} may be "
+                                f"named ({exc})") from None  # fmt: skip
+            if not key.is_relative_to(root) or not key.is_file():
+                skipped["video_missing"].append(f"{relative} ({key})")
+                continue
+            if key not in sequences:
+                sequences = {key: _VideoSequence(key, root)}
+        sequence = sequences[key]
+        center = sequence.center(frame)
+        if center >= len(sequence):
+            raise ClipError(f"{relative}: frame {center} is beyond {sequence.name}'s "
+                            f"{len(sequence)} frames")  # fmt: skip
         positions = clip_positions(center, len(sequence), settings)
         if positions is None:
             reason = (
@@ -202,24 +284,21 @@ def cut_clips(
             )
             skipped[reason].append(relative)
             continue
-        clip_frames = [sequence[i] for i in positions]
         cid = _clip_id(relative)
         target = out / "clips" / (cid if settings.format == "frames" else f"{cid}.mp4")
         if target.exists():
             reused += 1
         elif settings.format == "frames":
-            _write_frames(clip_frames, target)
+            _write_folder(sequence.frames(positions), target)
         else:
-            _write_mp4(clip_frames, target, settings.fps)
+            _write_mp4(sequence.frames(positions), target, settings.fps)
         video = target.relative_to(out).as_posix()
-        sequence_name = folder.relative_to(root.resolve()).as_posix()
-        per_sequence[sequence_name] += 1
+        per_sequence[sequence.name] += 1
         slot = positions.index(center)
         clip_lines.append({
-            "id": cid, "video": video, "sequence": sequence_name,
-            "frames": [f.relative_to(root.resolve()).as_posix() for f in clip_frames],
-            "annotated_frame": relative, "clip_center": slot,
-            "records": [r.id for r in recs],
+            "id": cid, "video": video, "sequence": sequence.name,
+            "frames": sequence.describe(positions), "annotated_frame": relative,
+            "clip_center": slot, "records": [r.id for r in recs],
         })  # fmt: skip
         for rec in recs:
             clip_records.append(_as_clip_record(rec, video, slot))
@@ -234,6 +313,7 @@ def cut_clips(
         "records_file": str(records_file),
         "data_root": str(out.resolve()),
         "settings": asdict(settings),
+        "source_video": source_video,
         "annotated_frames": len(by_frame),
         "clips": len(clip_lines),
         "clips_reused": reused,
