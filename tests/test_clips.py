@@ -121,11 +121,24 @@ def test_skip_edge_mp4_and_resume(tmp_path):
     assert abs(video.timestamps[1] - 0.5) < 1e-6
     greens = [float(v[..., 1].mean()) * 255 for v in video.frames]
     assert np.allclose(greens, [5, 10, 15], atol=3)  # frames 1, 2, 3 in order
-    # A rerun keeps the finished clips; a half-written one (a crash) is redone.
-    (out / "clips" / Path(clips[1]["video"]).name).unlink()
-    (out / "clips" / "leftover.tmp.mp4").write_bytes(b"partial")
+    # A rerun keeps the finished clips; one a crash left half-written is redone.
+    half = out / "clips" / Path(clips[1]["video"]).name
+    half.rename(half.with_name(half.stem + ".tmp.mp4"))
+    half.with_name(half.stem + ".tmp.mp4").write_bytes(b"partial")
     again = cut_clips(tmp_path / "e.jsonl", root, out, settings)
     assert again["clips_reused"] == 2 and again["sha256"] == summary["sha256"]
+    redone = read_video(half, max_frames=None).frames
+    assert np.allclose([float(v[..., 1].mean()) * 255 for v in redone], [15, 20, 25], atol=3)
+    # Other settings into the same folder would mix clips of two kinds: refused.
+    with pytest.raises(ClipError, match=r"other settings \(window\)"):
+        cut_clips(
+            tmp_path / "e.jsonl",
+            root,
+            out,
+            ClipSettings(window=5, edge="skip", format="mp4", fps=2.0),
+        )
+    with pytest.raises(ClipError, match="fps must be in"):
+        ClipSettings(fps=float("inf"))
 
 
 def test_records_that_are_not_single_frames_are_refused(tmp_path):
@@ -174,7 +187,75 @@ def test_clips_from_recorded_videos(tmp_path, capsys):
     video = read_video(tmp_path / "out" / mid["video"], max_frames=None)
     assert np.allclose(video.frames.mean(axis=(1, 2, 3)) * 255, [80, 90, 100, 110, 120], atol=2)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({**rows[0], "images": ["cropped_image/1/last.png"]}) + "\n")
+    bad.write_text(json.dumps({**rows[0], "images": ["cropped_image/1/last.png"]}) + "\n"
+                   + json.dumps({**rows[1], "images": ["cropped_image/1/900.png"]}) + "\n")  # fmt: skip
     assert main(["clips", str(bad), "--data-root", str(root), "--out", str(tmp_path / "o2"),
-                 "--source-video", "videos/video{sequence:0>2}.mp4"]) == 2  # fmt: skip
-    assert "need frames named by their frame number" in capsys.readouterr().err
+                 "--source-video", "videos/video{sequence:0>2}.mp4"]) == 0  # fmt: skip
+    left_out = json.loads((tmp_path / "o2" / "clips.summary.json").read_text())["skipped"]
+    assert left_out["frame_not_numbered"] == 1 and left_out["frame_beyond_video"] == 1
+
+
+def one_frame_record(sample_id: str, frame: str, split: str = "train") -> dict:
+    return {"id": sample_id, "images": [frame], "split": split,
+            "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]}  # fmt: skip
+
+
+def frames(folder: Path, count: int, size: tuple[int, int] = (48, 64)) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(count):
+        Image.fromarray(np.full((*size, 3), f * 10, np.uint8)).save(folder / f"f{f}.png")
+
+
+def write_records(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_clips_never_mix_splits_or_ids_and_copy_frames(tmp_path):
+    root = tmp_path / "rel"
+    frames(root / "a b", 6)
+    frames(root / "a-b", 6)
+    data = write_records(tmp_path / "r.jsonl", [
+        one_frame_record("x", "a b/f2.png"), one_frame_record("y", "a-b/f2.png"),
+        one_frame_record("t", "a-b/f4.png", split="test"),
+    ])  # fmt: skip
+    summary = cut_clips(data, root, tmp_path / "out", ClipSettings(window=3))
+    # a-b/f2's clip (f1-f3) holds no test frame; a-b/f4's (f3-f5) holds none of train's.
+    assert summary["clips"] == 3 and summary["skipped"]["frames_of_another_split"] == 0
+    clips = [json.loads(x) for x in (tmp_path / "out/clips.jsonl").read_text().splitlines()]
+    assert len({c["id"] for c in clips}) == 3  # "a b" and "a-b" read alike but differ
+    assert {c["sequence"] for c in clips} == {"a b", "a-b"}
+    data = write_records(tmp_path / "r2.jsonl", [
+        one_frame_record("x", "a-b/f2.png"), one_frame_record("t", "a-b/f3.png", split="test")])  # fmt: skip
+    summary = cut_clips(data, root, tmp_path / "out2", ClipSettings(window=3))
+    assert summary["clips"] == 0 and summary["skipped"]["frames_of_another_split"] == 2
+    # Frames are copied unless --link: editing a clip's frame leaves the release as it was.
+    clip_frame = sorted((tmp_path / "out" / clips[0]["video"]).iterdir())[0]
+    assert clip_frame.stat().st_nlink == 1
+    linked = cut_clips(
+        tmp_path / "r.jsonl", root, tmp_path / "out3", ClipSettings(window=3, link_frames=True)
+    )
+    assert linked["clips"] == 3
+    first = json.loads((tmp_path / "out3/clips.jsonl").read_text().splitlines()[0])
+    assert sorted((tmp_path / "out3" / first["video"]).iterdir())[0].stat().st_nlink == 2
+
+
+def test_a_linked_frame_stays_in_its_own_sequence(tmp_path):
+    root = tmp_path / "rel"
+    frames(root / "pool", 8)
+    (root / "seq_1").mkdir()
+    for f in range(3):
+        (root / "seq_1" / f"f{f}.png").symlink_to(root / "pool" / f"f{f + 4}.png")
+    data = write_records(tmp_path / "r.jsonl", [one_frame_record("x", "seq_1/f1.png")])
+    cut_clips(data, root, tmp_path / "out", ClipSettings(window=3))
+    clip = json.loads((tmp_path / "out/clips.jsonl").read_text())
+    assert clip["sequence"] == "seq_1" and clip["frames"] == [f"seq_1/f{f}.png" for f in range(3)]
+
+
+def test_mp4_refuses_frames_too_small_for_h264(tmp_path):
+    pytest.importorskip("av")
+    root = tmp_path / "rel"
+    frames(root / "s", 3, size=(1, 8))
+    data = write_records(tmp_path / "r.jsonl", [one_frame_record("x", "s/f1.png")])
+    with pytest.raises(ClipError, match="1x8 pixels are too small"):
+        cut_clips(data, root, tmp_path / "out", ClipSettings(window=3, format="mp4"))

@@ -177,7 +177,7 @@ def clips(args) -> int:
     from ..data.clips import ClipSettings, cut_clips
 
     settings = ClipSettings(window=args.window, stride=args.stride, edge=args.edge,
-                            format=args.format, fps=args.fps)  # fmt: skip
+                            format=args.format, fps=args.fps, link_frames=args.link)  # fmt: skip
     summary = cut_clips(args.records, args.data_root, args.out, settings, args.source_video)
     print(f"{summary['clips']} clips ({summary['clips_reused']} kept from an earlier run) around "
           f"{summary['annotated_frames']} annotated frames; {summary['clip_records']} clip "
@@ -261,8 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     clp.add_argument("--source-video", metavar="TEMPLATE",
                      help="cut from recorded videos instead, e.g. 'videos/video{sequence:0>2}.mp4' "
                      "({sequence}: the frame folder's name; frames named by frame number)")  # fmt: skip
-    clp.add_argument("--fps", type=float, default=1.0,
-                     help="mp4 frame rate (the frames' own rate divided by --stride)")  # fmt: skip
+    clp.add_argument("--fps", type=float,
+                     help="mp4 frame rate (default: a video's own rate, or 1 for frame images, divided by --stride)")  # fmt: skip
+    clp.add_argument("--link", action="store_true",
+                     help="hard-link the release's frames instead of copying them (a frame edited in place then changes both)")  # fmt: skip
     val = sub.add_parser("validate", help="check a data file and its media without training")
     val.add_argument("data")
     val.add_argument("--data-root", help="media root (default: the file's folder)")

@@ -2,28 +2,30 @@
 
 Frame-level surgical VQA (EndoVis18-VQA, Cholec80-VQA, PSI-AVA-VQA) annotates single
 frames of a recorded procedure. `cut_clips` turns each annotated frame of a converted file
-into a short clip of consecutive frames around it, taken from the frames the release ships
-beside it:
+into a short clip of consecutive frames around it:
 
-- a sequence is the folder that holds the annotated frame, its frames in natural name
-  order (frame9 before frame10); a clip never takes frames from another folder;
+- a sequence is the folder that holds the annotated frame (as the record names it; links
+  are not followed), its frames in natural name order (frame9 before frame10); a clip
+  never takes frames from another folder;
+- or, where the release's frames are numbers of frames of recorded videos (Cholec80) and
+  the videos are there, the sequence is the video (`source_video`, a path template with
+  `{sequence}` for the frame folder's name) and the clip's frames are decoded from it;
 - a clip is `window` frames, `stride` frames apart, with the annotated frame as close to
   its middle as the sequence allows: near a sequence's start or end the window moves
   inside the sequence (`edge="shift"`, the annotated frame stays on the clip's grid) or
   the frame is left out (`edge="skip"`); a sequence shorter than the clip's span is
-  always left out, and counted;
-- or, where the release's frames are numbers of frames of recorded videos (Cholec80) and
-  the videos are there, the sequence is the video (`source_video`, a path template with
-  `{sequence}` for the frame folder's name) and the clip's frames are decoded from it;
-- clips are written as frame folders (hard links to the release's frames where the
-  filesystem allows, else copies; PNGs of decoded video frames) or as mp4 files (PyAV, H.264) at `fps`.
+  always left out. A clip that would take a frame annotated for another split is left
+  out too, so train and test stay apart. Everything left out is counted;
+- clips are written as frame folders (copies of the release's frames, or hard links with
+  `link_frames`; PNGs of decoded video frames) or as mp4 files (PyAV, H.264).
 
 Outputs in the output folder, which is the data root of everything in it:
 `clips.jsonl` (one line per clip: id, video, the source frames, the annotated frame's
 position; what `omnivmed-data captions` reads), `clip_records.jsonl` (each input record
 asked of its clip: `videos` instead of `images`, `<video>` instead of `<image>`, the
 annotated frame's position in `clip_center`), and `clips.summary.json`. A rerun keeps
-finished clips: each clip is written under a temporary name and renamed when complete.
+finished clips: each clip is written under a temporary name and renamed when complete,
+and a folder holding clips cut with other settings is refused (`clips.settings.json`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from .records import load_records
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 EDGES = ("shift", "skip")
 FORMATS = ("frames", "mp4")
+MIN_FPS, MAX_FPS = 0.01, 1000.0
 
 
 class ClipError(ValueError):
@@ -60,7 +63,11 @@ class ClipSettings:
     stride: int = 1  # source frames between two clip frames
     edge: str = "shift"  # near a sequence's ends: "shift" the window inside, or "skip"
     format: str = "frames"  # "frames" (a folder per clip) or "mp4"
-    fps: float = 1.0  # mp4 frame rate: the source's frame rate divided by the stride
+    # mp4 frame rate; None: a video's own rate / stride, or 1 / stride for frame folders
+    fps: float | None = None
+    # Hard-link the release's frames instead of copying them (no extra space, but a frame
+    # edited in place changes both).
+    link_frames: bool = False
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -71,8 +78,8 @@ class ClipSettings:
             raise ClipError(f"edge must be one of {EDGES}, got {self.edge!r}")
         if self.format not in FORMATS:
             raise ClipError(f"format must be one of {FORMATS}, got {self.format!r}")
-        if not self.fps > 0:
-            raise ClipError(f"fps must be > 0, got {self.fps}")
+        if self.fps is not None and not MIN_FPS <= self.fps <= MAX_FPS:
+            raise ClipError(f"fps must be in [{MIN_FPS}, {MAX_FPS}], got {self.fps}")
 
     @property
     def span(self) -> int:
@@ -111,25 +118,27 @@ def sequence_frames(folder: Path) -> list[Path]:
 
 
 def _clip_id(frame: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(Path(frame).with_suffix("")).replace(os.sep, "__"))
+    """Readable, and unique: two frame paths that read alike differ in the hash."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", str(Path(frame).with_suffix("")).replace("/", "__"))
+    return f"{readable}-{hashlib.sha1(frame.encode()).hexdigest()[:8]}"
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:  # another filesystem, or links not allowed
-        shutil.copy2(source, target)
-
-
-def _write_folder(frames: Sequence[Path | np.ndarray], folder: Path) -> None:
-    """Source frame files are linked; decoded frames (uint8 RGB) are written as PNG."""
+def _write_folder(frames: Sequence[Path | np.ndarray], folder: Path, link: bool) -> None:
+    """Source frame files are copied (or hard-linked); decoded frames (uint8 RGB) are
+    written as PNG."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     width = max(3, len(str(len(frames))))
     for i, frame in enumerate(frames):
         if isinstance(frame, Path):
-            _link_or_copy(frame, tmp / f"{i:0{width}d}{frame.suffix.lower()}")
+            target = tmp / f"{i:0{width}d}{frame.suffix.lower()}"
+            try:
+                if not link:
+                    raise OSError
+                os.link(frame, target)
+            except OSError:  # copying asked for, another filesystem, or links not allowed
+                shutil.copy2(frame, target)
         else:
             Image.fromarray(frame).save(tmp / f"{i:0{width}d}.png")
     tmp.rename(folder)
@@ -157,6 +166,8 @@ def _write_mp4(frames: Sequence[Path | np.ndarray], path: Path, fps: float) -> N
     if len({im.shape for im in images}) != 1:
         raise ClipError(f"{path.name}: the frames of one clip have different sizes")
     height, width = images[0].shape[:2]
+    if height < 2 or width < 2:
+        raise ClipError(f"{path.name}: frames of {height}x{width} pixels are too small for H.264")
     tmp = path.with_name(path.stem + ".tmp.mp4")
     with av.open(str(tmp), "w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
@@ -175,10 +186,11 @@ class _FolderSequence:
     """The frames in the annotated frame's folder."""
 
     def __init__(self, folder: Path, root: Path) -> None:
-        self.name = folder.relative_to(root).as_posix()
+        self.key, self.name = folder, folder.relative_to(root).as_posix()
         self.files = sequence_frames(folder)
         self.index = {f: i for i, f in enumerate(self.files)}
         self.root = root
+        self.fps = 1.0  # frame images carry no rate
 
     def __len__(self) -> int:
         return len(self.files)
@@ -187,6 +199,9 @@ class _FolderSequence:
         return self.index[frame]
 
     def frames(self, positions: list[int]) -> list[Path]:
+        return [self.files[i] for i in positions]
+
+    def keys(self, positions: list[int]) -> list[Any]:
         return [self.files[i] for i in positions]
 
     def describe(self, positions: list[int]) -> list[str]:
@@ -198,11 +213,14 @@ class _VideoSequence:
     are numbers of frames of its 25 fps videos)."""
 
     def __init__(self, path: Path, root: Path) -> None:
-        import decord
-
-        self.name = path.relative_to(root).as_posix()
+        try:
+            import decord
+        except ImportError as exc:
+            raise ClipError("clips from videos need decord (pip install decord)") from exc
+        self.key, self.path, self.name = path, path, path.relative_to(root).as_posix()
         try:
             self.reader = decord.VideoReader(str(path), num_threads=1)
+            self.fps = float(self.reader.get_avg_fps() or 25.0)
         except Exception as exc:  # decord raises DECORDError for corrupt containers
             raise ClipError(f"{path}: not a readable video ({exc})") from None
 
@@ -210,17 +228,50 @@ class _VideoSequence:
         return len(self.reader)
 
     def center(self, frame: Path) -> int:
-        if not frame.stem.isdigit():
-            raise ClipError(
-                f"{frame.name}: clips from a video need frames named by their frame number"
-            )
-        return int(frame.stem)
+        return int(frame.stem)  # checked by the caller
 
     def frames(self, positions: list[int]) -> list[np.ndarray]:
-        return list(self.reader.get_batch(positions).asnumpy())
+        try:
+            return list(self.reader.get_batch(positions).asnumpy())
+        except Exception as exc:  # DECORDError: a damaged stretch of the video
+            raise ClipError(f"{self.path}: cannot decode frames {positions} ({exc})") from None
+
+    def keys(self, positions: list[int]) -> list[Any]:
+        return [(self.path, i) for i in positions]
 
     def describe(self, positions: list[int]) -> list[str]:
         return [f"{self.name}#{i}" for i in positions]
+
+
+def _frame_key(frame: Path, root: Path, source_video: str | None) -> tuple[Path, Any] | str:
+    """(sequence key, the frame's key within it), or why the frame cannot be placed."""
+    if source_video is None:
+        return (frame.parent, frame) if frame.is_file() else "frame_missing"
+    if not frame.stem.isdigit():
+        return "frame_not_numbered"
+    try:
+        video = Path(os.path.normpath(root / source_video.format(sequence=frame.parent.name)))
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ClipError(
+            f"source video {source_video!r}: only {{sequence}} may be named ({exc})"
+        ) from None
+    if not video.resolve().is_relative_to(root.resolve()) or not video.is_file():
+        return "video_missing"
+    return video, (video, int(frame.stem))
+
+
+def _settings_stamp(out: Path, stamp: dict[str, Any]) -> None:
+    """Clips already in `out` must have been cut the same way, or a rerun would mix them."""
+    path = out / "clips.settings.json"
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        if before != stamp:
+            changed = sorted(
+                k for k in stamp.keys() | before.keys() if stamp.get(k) != before.get(k)
+            )
+            raise ClipError(f"{out} holds clips cut with other settings ({', '.join(changed)}); "
+                            "use another --out or empty it")  # fmt: skip
+    path.write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
 
 
 def cut_clips(
@@ -235,63 +286,67 @@ def cut_clips(
     name of the annotated frame's folder, e.g. "videos/video{sequence:0>2}.mp4"), clips
     are cut from that video, the frame's name being its frame number there."""
     records_file = Path(records_file)
-    root = (Path(data_root) if data_root is not None else records_file.parent).resolve()
+    root = Path(os.path.abspath(data_root if data_root is not None else records_file.parent))
     out = Path(out_dir)
     records = load_records(records_file, root)
     by_frame: dict[Path, list] = {}
     for rec in records:
-        frames = [path for _, path, _ in rec.media]
-        if len(frames) != 1 or frames[0].suffix.lower() not in IMAGE_SUFFIXES:
+        if len(rec.sources) != 1 or Path(rec.sources[0]).suffix.lower() not in IMAGE_SUFFIXES:
             raise ClipError(
-                f"{records_file}: sample {rec.id!r} has {len(frames)} media "
-                f"({[f.name for f in frames]}); clips are cut around one annotated frame image"
+                f"{records_file}: sample {rec.id!r} has {len(rec.sources)} media "
+                f"({rec.sources}); clips are cut around one annotated frame image"
             )
-        by_frame.setdefault(frames[0], []).append(rec)
-    (out / "clips").mkdir(parents=True, exist_ok=True)
-    sequences: dict[Path, _FolderSequence | _VideoSequence] = {}
-    skipped: dict[str, list[str]] = {"sequence_too_short": [], "too_close_to_an_end": [],
-                                     "frame_missing": [], "video_missing": []}  # fmt: skip
+        # As the record names it: a linked frame stays in its own sequence folder.
+        by_frame.setdefault(Path(os.path.normpath(root / rec.sources[0])), []).append(rec)
+    out.mkdir(parents=True, exist_ok=True)
+    _settings_stamp(out, {**asdict(settings), "source_video": source_video,
+                          "records_file": str(records_file.resolve()), "data_root": str(root)})  # fmt: skip
+    (out / "clips").mkdir(exist_ok=True)
+    skipped: dict[str, list[str]] = {reason: [] for reason in (
+        "sequence_too_short", "too_close_to_an_end", "frames_of_another_split", "frame_missing",
+        "frame_not_numbered", "frame_beyond_video", "video_missing")}  # fmt: skip
+    placed: dict[Path, tuple[Path, Any]] = {}
+    split_of: dict[Any, set[str]] = {}  # annotated frame key -> the splits of its records
+    for frame, recs in by_frame.items():
+        where = _frame_key(frame, root, source_video)
+        if isinstance(where, str):
+            skipped[where].append(frame.relative_to(root).as_posix())
+            continue
+        placed[frame] = where
+        split_of.setdefault(where[1], set()).update(str(r.meta.get("split")) for r in recs)
+    # Grouped by sequence, so one sequence (a decoded video) is open at a time.
+    order = sorted(placed, key=lambda f: (str(placed[f][0]), _natural_key(f.name)))
+    sequence: _FolderSequence | _VideoSequence | None = None
     clip_lines, clip_records, per_sequence, reused = [], [], Counter(), 0
-    for frame, recs in tqdm(by_frame.items(), desc="clips", unit="clip"):
+    for frame in tqdm(order, desc="clips", unit="clip"):
+        recs, (key, own) = by_frame[frame], placed[frame]
         relative = frame.relative_to(root).as_posix()
-        if source_video is None:
-            if not frame.is_file():
-                skipped["frame_missing"].append(relative)
-                continue
-            key = frame.parent
-            if key not in sequences:
-                sequences = {key: _FolderSequence(key, root)}  # one sequence open at a time
-        else:
-            try:
-                key = (root / source_video.format(sequence=frame.parent.name)).resolve()
-            except (KeyError, IndexError, ValueError) as exc:
-                raise ClipError(f"source video {source_video!r}: only {{sequence}} may be "
-                                f"named ({exc})") from None  # fmt: skip
-            if not key.is_relative_to(root) or not key.is_file():
-                skipped["video_missing"].append(f"{relative} ({key})")
-                continue
-            if key not in sequences:
-                sequences = {key: _VideoSequence(key, root)}
-        sequence = sequences[key]
+        if sequence is None or sequence.key != key:
+            sequence = (
+                _FolderSequence(key, root) if source_video is None else _VideoSequence(key, root)
+            )
         center = sequence.center(frame)
         if center >= len(sequence):
-            raise ClipError(f"{relative}: frame {center} is beyond {sequence.name}'s "
-                            f"{len(sequence)} frames")  # fmt: skip
+            skipped["frame_beyond_video"].append(relative)
+            continue
         positions = clip_positions(center, len(sequence), settings)
         if positions is None:
-            reason = (
-                "sequence_too_short" if settings.span > len(sequence) else "too_close_to_an_end"
-            )
-            skipped[reason].append(relative)
+            too_short = settings.span > len(sequence)
+            skipped["sequence_too_short" if too_short else "too_close_to_an_end"].append(relative)
+            continue
+        splits = split_of[own]
+        if any(split_of.get(k, splits) != splits for k in sequence.keys(positions)):
+            skipped["frames_of_another_split"].append(relative)
             continue
         cid = _clip_id(relative)
         target = out / "clips" / (cid if settings.format == "frames" else f"{cid}.mp4")
         if target.exists():
             reused += 1
         elif settings.format == "frames":
-            _write_folder(sequence.frames(positions), target)
+            _write_folder(sequence.frames(positions), target, settings.link_frames)
         else:
-            _write_mp4(sequence.frames(positions), target, settings.fps)
+            fps = settings.fps or sequence.fps / settings.stride
+            _write_mp4(sequence.frames(positions), target, max(MIN_FPS, fps))
         video = target.relative_to(out).as_posix()
         per_sequence[sequence.name] += 1
         slot = positions.index(center)

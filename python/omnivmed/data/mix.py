@@ -87,7 +87,7 @@ def build_mix(yaml_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
             r = pool[i]
             seen_ids[r.id] += 1
             if seen_ids[r.id] > 1:
-                r = Record(f"{r.id}#{seen_ids[r.id]}", r.conversations, r.media, r.meta)
+                r = Record(f"{r.id}#{seen_ids[r.id]}", r.conversations, r.media, r.meta, r.sources)
             drawn.append(r)
     drawn = [drawn[i] for i in rng.permutation(len(drawn))]
     media_paths = [str(Path(p).resolve()) for r in drawn for _, p, _ in r.media]

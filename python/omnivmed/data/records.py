@@ -51,6 +51,9 @@ class Record:
     conversations: list[dict[str, Any]]
     media: list[tuple[VisualKind, Path, dict[str, Any]]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    # The media paths as the record gives them (relative to the data root, links not
+    # followed), in the order of `media`.
+    sources: list[str] = field(default_factory=list)
 
 
 _MEDIA_OPTIONS = ("start", "end", "ct_window", "intensity")
@@ -157,7 +160,10 @@ def parse_record(
     for key, kind in _KIND_KEYS.items():
         if key in raw:
             values = raw[key] if isinstance(raw[key], list) else [raw[key]]
-            by_kind[kind] += [_resolve(root, v, sample_id, defaults) for v in values]
+            by_kind[kind] += [
+                (*_resolve(root, v, sample_id, defaults), v["path"] if isinstance(v, dict) else v)
+                for v in values
+            ]
     kinds_present = [k for k in VisualKind if by_kind[k]]
     markers = [
         _MARKER_KIND[m] for turn in convs for m in _MARKER_RE.findall(str(turn.get("value", "")))
@@ -166,7 +172,7 @@ def parse_record(
     if len(markers) != total:
         raise RecordError(f"sample {sample_id!r}: the conversation has {len(markers)} visual markers but "
                           f"the record lists {total} media files")  # fmt: skip
-    media, used = [], {k: 0 for k in VisualKind}
+    media, sources, used = [], [], {k: 0 for k in VisualKind}
     for marker_kind in markers:
         kind = marker_kind
         if marker_kind == VisualKind.IMAGE and len(kinds_present) == 1:
@@ -175,12 +181,13 @@ def parse_record(
             raise RecordError(
                 f"sample {sample_id!r}: more {kind.name.lower()} markers than {kind.name.lower()} files"
             )
-        path, options = by_kind[kind][used[kind]]
+        path, options, source = by_kind[kind][used[kind]]
         used[kind] += 1
         media.append((kind, path, options))
+        sources.append(source)
     check_eval_fields(raw, sample_id)
     meta = {k: v for k, v in raw.items() if k not in ("id", "conversations", *_MEDIA_KEYS)}
-    return Record(sample_id, convs, media, meta)
+    return Record(sample_id, convs, media, meta, sources)
 
 
 def load_records(
