@@ -538,3 +538,84 @@ def test_mimic_cxr(tmp_path):
     (root / "mimic-cxr-2.0.0-metadata.csv.gz").write_bytes(b"\x1f\x8b\x08 truncated")
     with pytest.raises(ConversionError, match="not a readable table"):
         convert_dataset("mimic-cxr", root, tmp_path / "m.jsonl")
+
+
+# ---- hostile releases: counted per file, never a traceback, never a record training refuses
+def test_hostile_entries_are_counted_not_crashing(tmp_path):
+    from omnivmed.data.converters.mimic_cxr import report_sections
+
+    # A byte-order mark does not cost PSI-AVA's first line.
+    root = tmp_path / "psi"
+    image(root / "keyframes" / "CASE001" / "00001.jpg")
+    image(root / "keyframes" / "CASE021" / "00001.jpg")
+    for folder, case in (("Train", "CASE001"), ("Val", "CASE021")):
+        (root / folder).mkdir(parents=True)
+        for file in ("C1_location.txt", "C3_phase.txt", "C4_step.txt"):
+            (root / folder / file).write_text(
+                f"\ufeff{case}/00001.jpg|Where?|top left\n", encoding="utf-8"
+            )
+    assert convert_dataset("psi-ava-vqa", root, tmp_path / "p.jsonl")["records"] == 6
+    # M3D-Cap: a report path outside the data root is refused, not read.
+    m3d = tmp_path / "m3d"
+    (m3d / "v").mkdir(parents=True)
+    np.save(m3d / "v" / "a.npy", np.zeros((1, 2, 4, 4), np.float32))
+    (tmp_path / "secret.txt").write_text("secret")
+    (m3d / "v" / "a.txt").write_text("Normal.")
+    table = {"train": [{"image": "v/a.npy", "text": "../secret.txt"}, {"image": "v/a.npy", "text": "v/a.txt"}],
+             "validation": [], "test": []}  # fmt: skip
+    (m3d / "M3D_Cap.json").write_text(json.dumps(table))
+    summary = convert_dataset("m3d-cap", m3d, tmp_path / "c.jsonl")
+    assert summary["records"] == 1 and "secret" not in (tmp_path / "c.jsonl").read_text()
+    # PubMedVision: non-path images, no final answer, a literal <video> in the text.
+    pmv = tmp_path / "pmv"
+    image(pmv / "images" / "a.jpg")
+    turns = [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "x"}]
+    rows = [{"id": "0", "image": [5], "conversations": turns},
+            {"id": "1", "image": ["images/a.jpg"], "conversations": turns[:1] * 2},
+            {"id": "2", "image": ["images/a.jpg"], "conversations": [turns[0], {"from": "gpt", "value": "<video>"}]},
+            {"id": "3", "image": "images/a.jpg", "conversations": turns}]  # fmt: skip
+    (pmv / "PubMedVision_Alignment_VQA.json").write_text(json.dumps(rows))
+    summary = convert_dataset("pubmedvision-alignment", pmv, tmp_path / "a.jsonl")
+    assert summary["records"] == 1 and sum(summary["problems"].values()) == 3
+    assert summary["problems"]["pubmedvision-alignment record checks"] == 1
+    load_records(tmp_path / "a.jsonl", pmv)  # what was written loads
+    # MedM-VL: media of the wrong type, a 2D record marked as a volume.
+    medm = tmp_path / "medm"
+    image(medm / "a.png")
+    rows = [{"id": "0", "image": {"x": 1}, "conversations": [{"from": "human", "value": "<image>"}, turns[1]]},
+            {"id": "1", "image": ["a.png"], "conversations": [{"from": "human", "value": "<image3d>Q"}, turns[1]]},
+            {"id": "2", "image": ["a.png"], "conversations": [{"from": "human", "value": "<image>Q"}, turns[1]]}]  # fmt: skip
+    (medm / "train.json").write_text(json.dumps(rows))
+    summary = convert_dataset("medm-vl", medm, tmp_path / "m.jsonl")
+    assert summary["records"] == 1 and sum(summary["problems"].values()) == 2
+    # Cholec80: a stray second question file of a frame does not collide with the first.
+    c80 = tmp_path / "c80"
+    for video in range(1, 41):
+        (c80 / "Classification" / str(video)).mkdir(parents=True)
+    image(c80 / "cropped_image" / "1" / "100.png")
+    for name in ("100_QA.txt", "100_QA_old.txt"):
+        (c80 / "Classification" / "1" / name).write_text(
+            "what is the phase of image?|preparation\n"
+        )
+    assert convert_dataset("cholec80-vqa", c80, tmp_path / "c80.jsonl")["records"] == 2
+    # MIMIC-CXR: a REVIEW header does not replace the findings; view headers only stand in.
+    sections = report_sections(" FINDINGS: Lungs clear.\n REVIEW OF PRIOR: Dr. X reviewed.\n")
+    assert (
+        sections["findings"] == "Lungs clear." and sections["review of prior"] == "Dr. X reviewed."
+    )
+    sections = report_sections(" FINDINGS: Lungs clear.\n PORTABLE AP VIEW: Tubes in place.\n")
+    assert sections["findings"] == "Lungs clear."
+
+
+def test_mimic_cxr_short_rows_are_counted(tmp_path):
+    import gzip
+
+    root = tmp_path / "mimic"
+    image(root / "files/p10/p10000001/s50000001/d1.jpg")
+    (root / "files/p10/p10000001/s50000001.txt").write_text(" FINDINGS: Clear.\n")
+    with gzip.open(root / "mimic-cxr-2.0.0-split.csv.gz", "wt") as f:
+        f.write("dicom_id,study_id,subject_id,split\nd1,50000001,10000001,train\nd2,50000002\n")
+    (root / "mimic-cxr-2.0.0-metadata.csv").write_text("dicom_id,ViewPosition\nd1,PA\nd2\n")
+    summary = convert_dataset("mimic-cxr", root, tmp_path / "m.jsonl")
+    assert summary["records"] == 1
+    assert summary["problems"] == {str(root / "mimic-cxr-2.0.0-split.csv.gz"): 1}

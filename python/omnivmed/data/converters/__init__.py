@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..records import RecordError, parse_record
+
 CONVERTERS: dict[str, type[Converter]] = {}
 
 
@@ -78,7 +80,7 @@ class Converter:
     @staticmethod
     def read_json_list(source: Path, what: str) -> list:
         try:
-            rows = json.loads(source.read_text(encoding="utf-8"))
+            rows = json.loads(source.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConversionError(f"{source}: not {what} ({exc})") from None
         if not isinstance(rows, list) or not rows:
@@ -90,15 +92,19 @@ class Converter:
         source: Path, columns: tuple[str, ...]
     ) -> Iterator[tuple[str, dict[str, str]]]:
         """(row key for messages, row) of a CSV that must hold `columns`."""
-        with source.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in columns if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ConversionError(
-                    f"{source}: columns {missing} are missing (has {reader.fieldnames})"
-                )
-            for i, row in enumerate(reader):
-                yield i, f"row {i + 2}", row
+        with source.open(newline="", encoding="utf-8-sig") as f:
+            try:
+                reader = csv.DictReader(f)
+                missing = [c for c in columns if c not in (reader.fieldnames or [])]
+                if missing:
+                    raise ConversionError(
+                        f"{source}: columns {missing} are missing (has {reader.fieldnames})"
+                    )
+                for i, row in enumerate(reader):
+                    # A short row leaves None in its last columns.
+                    yield i, f"row {i + 2}", {k: v or "" for k, v in row.items() if k is not None}
+            except UnicodeDecodeError as exc:
+                raise ConversionError(f"{source}: not UTF-8 text ({exc})") from None
 
     @staticmethod
     def open_closed_qa(
@@ -122,22 +128,22 @@ class Converter:
     @staticmethod
     def question_answer_lines(
         source: Path, problems: Problems, fields: int = 2
-    ) -> Iterator[tuple[int, list[str]]]:
-        """(line number, its `fields` non-empty parts) of a "a|b[|c]" question file, the
-        surgical VQA releases' format; other lines are counted."""
+    ) -> Iterator[tuple[int, int, list[str]]]:
+        """(line number, index among the non-blank lines, its `fields` non-empty parts) of a
+        "a|b[|c]" question file, the surgical VQA releases' format; other lines are
+        counted."""
         try:
-            text = source.read_text(encoding="utf-8")
+            text = source.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:
             raise ConversionError(f"{source}: not UTF-8 text ({exc})") from None
         shape = "|".join(["question", "answer"] if fields == 2 else ["image", "question", "answer"])
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        for index, (number, line) in enumerate(lines):
             parts = [p.strip() for p in line.split("|")]
             if len(parts) != fields or not all(parts):
                 problems.add(source, f"line {number}: expected '{shape}', got {line.strip()!r}")
                 continue
-            yield number, parts
+            yield number, index, parts
 
     @staticmethod
     def one_of_folders(root: Path, names: tuple[str, ...], what: str) -> str:
@@ -206,7 +212,14 @@ def convert_dataset(
     if not root.is_dir():
         raise ConversionError(f"{root} is not a folder (the {name} release, unpacked)")
     problems = Problems(strict=strict)
-    records = list(converter.records(root, problems))
+    records = []
+    for i, rec in enumerate(converter.records(root, problems)):
+        try:  # what training and evaluation will read, checked as they check it
+            parse_record(rec, root, i)
+        except RecordError as exc:
+            problems.add(f"{name} record checks", f"source {rec.get('source_id')}: {exc}")
+            continue
+        records.append(rec)
     if not records:
         raise ConversionError(f"{root}: no records converted ({problems.counts()})")
     escaping = [m for r in records for m in _media(r) if m.startswith("..") or os.path.isabs(m)]

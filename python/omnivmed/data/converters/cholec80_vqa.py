@@ -55,9 +55,11 @@ class Cholec80Vqa(Converter):
                     image = f"{frames}/{video}/{frame}.png"
                     if not self.image_ok(root, image, problems, qa_file, "frame"):
                         continue
-                    for number, (question, answer) in self.question_answer_lines(qa_file, problems):
+                    for number, index, (question, answer) in self.question_answer_lines(
+                        qa_file, problems
+                    ):
                         yield self.record(
-                            f"cholec80-vqa-{video}-{frame}-{number}", image, question, answer,
+                            f"cholec80-vqa-{video}-{qa_file.stem}-{index}", image, question, answer,
                             dataset=self.dataset, split=split, modality="endoscopy",
                             answer_type="closed", question_type=question_type(question),
                             language="en", source_id=f"{video}/{qa_file.name}:{number}",

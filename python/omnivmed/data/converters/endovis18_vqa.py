@@ -49,9 +49,11 @@ class EndoVis18Vqa(Converter):
                     image = f"seq_{seq}/left_frames/{match.group(1)}.png"
                     if not self.image_ok(root, image, problems, qa_file, "frame"):
                         continue
-                    for number, (question, answer) in self.question_answer_lines(qa_file, problems):
+                    for number, index, (question, answer) in self.question_answer_lines(
+                        qa_file, problems
+                    ):
                         yield self.record(
-                            f"endovis18-seq{seq}-{match.group(1)}-{number}", image, question,
+                            f"endovis18-seq{seq}-{match.group(1)}-{index}", image, question,
                             answer, dataset=self.dataset, split=split, modality="endoscopy",
                             answer_type="closed", question_type=question_type(question),
                             language="en", source_id=f"seq_{seq}/{qa_file.name}:{number}",

@@ -30,7 +30,7 @@ class M3DCap(Converter):
             raise ConversionError(f"{candidates[0]} is missing: expected M3D-Cap's split file "
                                   f"(or {candidates[1].name} in {root})")  # fmt: skip
         try:
-            table = json.loads(source.read_text(encoding="utf-8"))
+            table = json.loads(source.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConversionError(f"{source}: not M3D-Cap's JSON ({exc})") from None
         missing = [
@@ -46,11 +46,14 @@ class M3DCap(Converter):
                 ):
                     problems.add(source, f"{key}: expected image and text paths")
                     continue
-                volume, text_path = entry["image"], root / entry["text"]
+                volume, text_path = entry["image"], (root / entry["text"]).resolve()
+                if not text_path.is_relative_to(root.resolve()):
+                    problems.add(source, f"{key}: report {entry['text']} is outside {root}")
+                    continue
                 if not self.image_ok(root, volume, problems, source, key):
                     continue
                 try:
-                    report = text_path.read_text(encoding="utf-8").strip()
+                    report = text_path.read_text(encoding="utf-8-sig").strip()
                 except (OSError, UnicodeDecodeError) as exc:
                     problems.add(source, f"{key}: report {entry['text']} is unreadable ({exc})")
                     continue

@@ -56,14 +56,19 @@ class MedMVl(Converter):
             problems.add(source, f"{key}: expected conversations of human/gpt turns")
             return None
         turns = [{"from": t["from"], "value": t["value"]} for t in turns]
-        images, volumes = r.get("image") or [], r.get("image3d") or []
-        images = [images] if isinstance(images, str) else images
-        volumes = [volumes] if isinstance(volumes, str) else volumes
+        media = {}
+        for field in ("image", "image3d"):
+            value = r.get(field) or []
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                problems.add(
+                    source, f"{key}: {field!r} must be a path or a list of paths, got {value!r}"
+                )
+                return None
+            media[field] = value
+        images, volumes = media["image"], media["image3d"]
         if images and volumes:
             problems.add(source, f"{key}: has both image and image3d")
-            return None
-        if not all(isinstance(p, str) for p in images + volumes):
-            problems.add(source, f"{key}: media must be path strings")
             return None
         markers = [m for t in turns for m in _MARKERS.findall(t["value"])]
         if len(markers) != len(images) + len(volumes):

@@ -12,8 +12,9 @@ are left out by rule and counted. Splits are the official ones (by patient).
 
 Sections are read the way MIMIC-CXR's own section parser reads them: a header is an
 upper-case name at the start of a line followed by a colon; "FINDINGS AND IMPRESSION" and
-"CONCLUSION" count as the impression, "FINDING" and headers that name the views taken
-("PA AND LATERAL VIEWS OF THE CHEST") as the findings; an empty section does not count;
+"CONCLUSION" count as the impression, "FINDING" as the findings, and a header that only
+names the views taken ("PA AND LATERAL VIEWS OF THE CHEST") as the findings where the
+report has no FINDINGS header; an empty section does not count;
 where a name repeats, the last section wins. Whitespace is collapsed, nothing else is
 changed."""
 
@@ -36,27 +37,31 @@ _IMPRESSION = ("impression", "conclusion", "findings and impression", "findings/
 _FINDINGS = ("finding", "findings", "findngs")
 
 
-def section_name(header: str) -> str:
+def section_name(header: str) -> tuple[str, bool]:
+    """(normalised name, named explicitly): a header that only names the views taken
+    counts as the findings where the report has no FINDINGS header of its own."""
     name = " ".join(header.lower().split())
-    if name in _IMPRESSION or "impression" in name:
-        return "impression"
-    if name in _FINDINGS or "findings" in name:
-        return "findings"
-    if "view" in name or name.startswith(("portable", "chest")):
-        return "findings"
-    return name
+    if name in _IMPRESSION or re.search(r"\bimpressions?\b", name):
+        return "impression", True
+    if name in _FINDINGS or re.search(r"\bfindings\b", name):
+        return "findings", True
+    if re.search(r"\bviews?\b", name) or name.startswith("portable "):
+        return "findings", False
+    return name, True
 
 
 def report_sections(text: str) -> dict[str, str]:
     """{section name: text} of a free-text report; the last non-empty one of each name."""
-    sections: dict[str, str] = {}
+    explicit: dict[str, str] = {}
+    implied: dict[str, str] = {}
     headers = list(_HEADER.finditer(text))
     for n, match in enumerate(headers):
         end = headers[n + 1].start() if n + 1 < len(headers) else len(text)
         body = " ".join(text[match.end() : end].split())
         if body:
-            sections[section_name(match.group(1))] = body
-    return sections
+            name, named = section_name(match.group(1))
+            (explicit if named else implied)[name] = body
+    return {**implied, **explicit}
 
 
 def _rows(root: Path, stem: str, columns: tuple[str, ...]) -> tuple[Path, list[dict[str, str]]]:
@@ -68,7 +73,7 @@ def _rows(root: Path, stem: str, columns: tuple[str, ...]) -> tuple[Path, list[d
         )
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", newline="", encoding="utf-8") as f:
+        with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             missing = [c for c in columns if c not in (reader.fieldnames or [])]
             if missing:
@@ -88,14 +93,14 @@ class MimicCxr(Converter):
         split_file, split_rows = _rows(root, "mimic-cxr-2.0.0-split",
                                        ("dicom_id", "study_id", "subject_id", "split"))  # fmt: skip
         meta_file, meta_rows = _rows(root, "mimic-cxr-2.0.0-metadata", ("dicom_id", "ViewPosition"))
-        views = {r["dicom_id"]: r["ViewPosition"].strip() for r in meta_rows}
+        views = {r["dicom_id"]: (r.get("ViewPosition") or "").strip() for r in meta_rows}
         report_roots = [root / "files", root / "mimic-cxr-reports" / "files"]
         self.require(root / "files", "the image folder files/p../p<subject>/s<study>/")
         sections_of: dict[tuple[str, str], dict[str, str] | None] = {}
         for i, r in enumerate(split_rows):
             key = f"row {i + 2}"
-            dicom, study, subject, split = (
-                r[c].strip() for c in ("dicom_id", "study_id", "subject_id", "split")
+            dicom, study, subject, split = (  # a short row leaves None in its last columns
+                (r.get(c) or "").strip() for c in ("dicom_id", "study_id", "subject_id", "split")
             )
             if split not in SPLITS or not study.isdigit() or not subject.isdigit() or not dicom:
                 problems.add(
@@ -122,7 +127,7 @@ class MimicCxr(Converter):
                     continue
                 try:
                     sections_of[(subject, study)] = report_sections(
-                        report.read_text(encoding="utf-8")
+                        report.read_text(encoding="utf-8-sig")
                     )
                 except (OSError, UnicodeDecodeError) as exc:
                     problems.add(report, f"unreadable ({exc})")

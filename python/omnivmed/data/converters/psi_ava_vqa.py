@@ -28,7 +28,7 @@ class PsiAvaVqa(Converter):
                 source = self.require(
                     root / folder / file, f"PSI-AVA-VQA's {split} {task} questions"
                 )
-                for number, (frame, question, answer) in self.question_answer_lines(
+                for number, _, (frame, question, answer) in self.question_answer_lines(
                     source, problems, fields=3
                 ):
                     parts = Path(frame).parts

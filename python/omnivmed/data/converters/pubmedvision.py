@@ -31,11 +31,21 @@ class _PubMedVision(Converter):
             turns = r.get("conversations") if isinstance(r, dict) else None
             images = r.get("image") if isinstance(r, dict) else None
             images = [images] if isinstance(images, str) else images
-            if not isinstance(turns, list) or len(turns) < 2 or not images or not all(
+            if not isinstance(turns, list) or len(turns) < 2 or not all(
                 isinstance(t, dict) and t.get("from") in ("human", "gpt")
                 and isinstance(t.get("value"), str) for t in turns
             ):  # fmt: skip
-                problems.add(source, f"{key}: expected id, image and human/gpt conversations")
+                problems.add(source, f"{key}: expected human/gpt conversations")
+                continue
+            if (
+                not isinstance(images, list)
+                or not images
+                or not all(isinstance(p, str) for p in images)
+            ):
+                problems.add(source, f"{key}: 'image' must be a list of paths, got {images!r}")
+                continue
+            if turns[-1]["from"] != "gpt":
+                problems.add(source, f"{key}: the conversation does not end with an answer")
                 continue
             if not all(self.image_ok(root, p, problems, source, key) for p in images):
                 continue
@@ -50,7 +60,7 @@ class _PubMedVision(Converter):
             elif markers != len(images):
                 problems.add(source, f"{key}: {markers} <image> markers for {len(images)} images")
                 continue
-            answer = next((t["value"] for t in reversed(turns) if t["from"] == "gpt"), None)
+            answer = turns[-1]["value"]
             sample = str(r.get("id", i))
             if sample in seen:
                 problems.add(source, f"{key}: id {sample!r} appears twice")
