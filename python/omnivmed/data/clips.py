@@ -202,7 +202,7 @@ class _FolderSequence:
         return [self.files[i] for i in positions]
 
     def keys(self, positions: list[int]) -> list[Any]:
-        return [self.files[i] for i in positions]
+        return self.frames(positions)  # a frame file is its own key
 
     def describe(self, positions: list[int]) -> list[str]:
         return [self.files[i].relative_to(self.root).as_posix() for i in positions]

@@ -12,6 +12,7 @@ type, the documented counts beside them, problems per file, the output's SHA-256
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import importlib
 import json
@@ -90,10 +91,12 @@ class Converter:
     @staticmethod
     def read_csv_rows(
         source: Path, columns: tuple[str, ...]
-    ) -> Iterator[tuple[str, dict[str, str]]]:
-        """(row key for messages, row) of a CSV that must hold `columns`."""
-        with source.open(newline="", encoding="utf-8-sig") as f:
-            try:
+    ) -> Iterator[tuple[int, str, dict[str, str]]]:
+        """(row index, row key for messages, row) of a CSV (gzipped where it ends in .gz)
+        that must hold `columns`; a short row's missing cells read as ""."""
+        opener = gzip.open if source.suffix == ".gz" else open
+        try:
+            with opener(source, "rt", newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f)
                 missing = [c for c in columns if c not in (reader.fieldnames or [])]
                 if missing:
@@ -101,17 +104,18 @@ class Converter:
                         f"{source}: columns {missing} are missing (has {reader.fieldnames})"
                     )
                 for i, row in enumerate(reader):
-                    # A short row leaves None in its last columns.
                     yield i, f"row {i + 2}", {k: v or "" for k, v in row.items() if k is not None}
-            except UnicodeDecodeError as exc:
-                raise ConversionError(f"{source}: not UTF-8 text ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise ConversionError(f"{source}: not UTF-8 text ({exc})") from None
+        except (OSError, EOFError) as exc:  # a truncated or foreign .gz
+            raise ConversionError(f"{source}: not a readable table ({exc})") from None
 
     @staticmethod
     def open_closed_qa(
-        row: Any, source: Path, key: str, problems: Problems
-    ) -> tuple[str, str, str] | None:
-        """(question, answer, answer_type) of a row annotated OPEN/CLOSED; None (counted)
-        when a field is missing or the annotation is neither."""
+        row: Any, source: Path, key: str, problems: Problems, *fields: str
+    ) -> tuple[Any, ...] | None:
+        """(question, answer, answer_type, *the values of `fields`) of a row annotated
+        OPEN/CLOSED; None (counted) when a field is missing or the annotation is neither."""
         try:
             question, answer = str(row["question"]).strip(), str(row["answer"]).strip()
             answer_type = str(row["answer_type"]).strip().lower()
@@ -123,7 +127,11 @@ class Converter:
                 source, f"{key}: answer_type {row['answer_type']!r} is neither OPEN nor CLOSED"
             )
             return None
-        return question, answer, answer_type
+        try:
+            return (question, answer, answer_type, *(row[f] for f in fields))
+        except KeyError as exc:
+            problems.add(source, f"{key}: field {exc} is missing")
+            return None
 
     @staticmethod
     def question_answer_lines(

@@ -20,8 +20,6 @@ changed."""
 
 from __future__ import annotations
 
-import csv
-import gzip
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,25 +62,14 @@ def report_sections(text: str) -> dict[str, str]:
     return {**implied, **explicit}
 
 
-def _rows(root: Path, stem: str, columns: tuple[str, ...]) -> tuple[Path, list[dict[str, str]]]:
+def _table(root: Path, stem: str) -> Path:
     """A MIMIC-CXR-JPG table, gzipped as released or unpacked."""
     path = next((p for p in (root / f"{stem}.csv.gz", root / f"{stem}.csv") if p.is_file()), None)
     if path is None:
         raise ConversionError(
             f"{root / (stem + '.csv.gz')} is missing: expected MIMIC-CXR-JPG's {stem} table"
         )
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in columns if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ConversionError(
-                    f"{path}: columns {missing} are missing (has {reader.fieldnames})"
-                )
-            return path, list(reader)
-    except (OSError, EOFError, UnicodeDecodeError) as exc:  # a truncated or foreign .gz
-        raise ConversionError(f"{path}: not a readable table ({exc})") from None
+    return path
 
 
 class MimicCxr(Converter):
@@ -90,18 +77,16 @@ class MimicCxr(Converter):
     dataset = "MIMIC-CXR"
 
     def records(self, root: Path, problems: Problems) -> Iterator[dict[str, Any]]:
-        split_file, split_rows = _rows(root, "mimic-cxr-2.0.0-split",
-                                       ("dicom_id", "study_id", "subject_id", "split"))  # fmt: skip
-        meta_file, meta_rows = _rows(root, "mimic-cxr-2.0.0-metadata", ("dicom_id", "ViewPosition"))
-        views = {r["dicom_id"]: (r.get("ViewPosition") or "").strip() for r in meta_rows}
+        split_file = _table(root, "mimic-cxr-2.0.0-split")
+        meta_file = _table(root, "mimic-cxr-2.0.0-metadata")
+        views = {r["dicom_id"]: r["ViewPosition"].strip()
+                 for _, _, r in self.read_csv_rows(meta_file, ("dicom_id", "ViewPosition"))}  # fmt: skip
         report_roots = [root / "files", root / "mimic-cxr-reports" / "files"]
         self.require(root / "files", "the image folder files/p../p<subject>/s<study>/")
         sections_of: dict[tuple[str, str], dict[str, str] | None] = {}
-        for i, r in enumerate(split_rows):
-            key = f"row {i + 2}"
-            dicom, study, subject, split = (  # a short row leaves None in its last columns
-                (r.get(c) or "").strip() for c in ("dicom_id", "study_id", "subject_id", "split")
-            )
+        columns = ("dicom_id", "study_id", "subject_id", "split")
+        for _, key, r in self.read_csv_rows(split_file, columns):
+            dicom, study, subject, split = (r[c].strip() for c in columns)
             if split not in SPLITS or not study.isdigit() or not subject.isdigit() or not dicom:
                 problems.add(
                     split_file, f"{key}: expected ids and a split in {SPLITS}, got {dict(r)}"

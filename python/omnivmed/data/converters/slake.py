@@ -26,15 +26,10 @@ class Slake(Converter):
             rows = self.read_json_list(source, "SLAKE's JSON")
             for i, r in enumerate(rows):
                 key = f"entry {i}"
-                qa = self.open_closed_qa(r, source, key, problems)
+                qa = self.open_closed_qa(r, source, key, problems, "qid", "img_name", "q_lang")
                 if qa is None:
                     continue
-                question, answer, answer_type = qa
-                try:
-                    qid, image, lang = r["qid"], r["img_name"], r["q_lang"]
-                except KeyError as exc:
-                    problems.add(source, f"{key}: field {exc} is missing")
-                    continue
+                question, answer, answer_type, qid, image, lang = qa
                 if not self.image_ok(root, f"imgs/{image}", problems, source, key):
                     continue
                 yield self.record(

@@ -36,15 +36,10 @@ class VqaRad(Converter):
             )
         for i, r in enumerate(rows):
             key = f"entry {i}"
-            qa = self.open_closed_qa(r, source, key, problems)
+            qa = self.open_closed_qa(r, source, key, problems, "qid", "image_name", "phrase_type")
             if qa is None:
                 continue
-            question, answer, answer_type = qa
-            try:
-                qid, image, phrase = r["qid"], r["image_name"], r["phrase_type"]
-            except KeyError as exc:
-                problems.add(source, f"{key}: field {exc} is missing")
-                continue
+            question, answer, answer_type, qid, image, phrase = qa
             if not self.image_ok(root, f"{IMAGE_DIR}/{image}", problems, source, key):
                 continue
             split = "test" if str(phrase).startswith("test") else "train"
