@@ -247,7 +247,10 @@ def test_mix_deduplicates_samples_to_ratios_and_reports_the_distribution(tmp_pat
         {"path": "rad.jsonl", "root": "rad", "ratio": 0.4},
         {"path": "rad.jsonl", "root": "rad", "ratio": 0.0}]}  # fmt: skip
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mixture))
-    assert main(["mix", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "out")]) == 0
+    every_split = ["--splits", "train,validate,test"]  # the training split alone is the default
+    assert (
+        main(["mix", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "out"), *every_split]) == 0
+    )
     summary = json.loads((tmp_path / "out/mixture.summary.json").read_text())
     assert [s["drawn"] for s in summary["sources"]] == [6, 4, 0]
     assert summary["sources"][2]["duplicates"] == 3 and summary["sources"][0]["upsampled"]

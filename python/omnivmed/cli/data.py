@@ -23,6 +23,11 @@ from pathlib import Path
 
 import yaml
 
+DATA_ROOT_HELP = (
+    "media paths resolve here (default: the data root recorded in the "
+    "FILE.summary.json that convert or mix wrote beside the file, else its folder)"
+)
+
 
 def _media_settings(args):
     from ..configs import packaged_config
@@ -73,18 +78,23 @@ def _records(path: Path, root: str | None, processor):
 
 
 def tokens(args) -> int:
+    from ..data.files import output_folder
     from ..data.token_stats import token_statistics, write_report
     from ..processing.processor import OmniVMedProcessor
 
+    out = output_folder(args.out)
     options = _media_settings(args)
     config, tokenizer = _model_config(args)
     processor = OmniVMedProcessor(config, tokenizer, options)
     records = _records(Path(args.data), args.data_root, processor)
     rows, failed = token_statistics(records, processor)
+    if not rows:  # a table of nothing would read as "no visual tokens"
+        why = f": {failed[0][1]}" if failed else " (no sample has media)"
+        raise ValueError(f"{args.data}: none of the {len(records)} samples could be read{why}")
     name = args.model or args.preset
     title = (f"{Path(args.data).name}: {name}, <= {options.max_pixels} px/frame, "
              f"threshold {options.prune_threshold}")  # fmt: skip
-    json_path, png_path = write_report(rows, Path(args.out), title)
+    json_path, png_path = write_report(rows, out, title)
     print(f"{'modality':<14}{'items':>7}{'tokens/item':>13}{'pruned/item':>13}{'reduction':>11}")
     for r in rows:
         print(f"{r.modality:<14}{r.items:>7}{r.unpruned / r.items:>13.0f}{r.pruned / r.items:>13.0f}"
@@ -95,13 +105,16 @@ def tokens(args) -> int:
             f"{'all':<14}{sum(r.items for r in rows):>7}{'':>26}{100 * (1 - total_kept / total_full):>10.1f}%"
         )
     if failed:
-        print(f"{len(failed)} samples could not be read and were left out: {failed[:10]}")
+        named = "; ".join(why for _, why in failed[:3])
+        more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
+        print(f"{len(failed)} samples could not be read and were left out: {named}{more}")
     print(f"wrote {json_path} and {png_path}")
     return 0
 
 
 def convert(args) -> int:
     from ..data.converters import convert_dataset
+    from ..data.records import summary_path
 
     summary = convert_dataset(args.source, args.input, args.out, strict=args.strict)
     print(f"{summary['dataset']}: {summary['records']} records -> {summary['output']} "
@@ -120,20 +133,28 @@ def convert(args) -> int:
     for reason, n in summary["left_out_by_rule"].items():
         print(f"  left out {n} entries by the source's rule: {reason}")
     for file, n in summary["problems"].items():
-        print(
-            f"  skipped {n} entries of {file} (malformed or missing image; --strict stops instead)"
-        )
-    summary_path = Path(args.out).with_suffix(".summary.json")
-    summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    print(f"summary: {summary_path}")
+        named = summary["problem_examples"][file]
+        more = f"; and {n - len(named)} more" if n > len(named) else ""
+        print(f"  skipped {n} entries of {file}: {'; '.join(named)}{more}")
+    if summary["refused_files"]:
+        print(f"  refused {summary['refused_files']} files unread (links leading outside "
+              f"{summary['data_root']}, or not regular files): "
+              + "; ".join(summary["refused_examples"]))  # fmt: skip
+    print(f"summary: {summary_path(summary['output'])}")
     return 0
 
 
 def mix(args) -> int:
     from ..data.mix import build_mix
 
-    summary = build_mix(args.mixture, args.out)
+    splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    summary = build_mix(args.mixture, args.out, splits)
     print(f"{summary['records']} samples -> {summary['output']} (data root {summary['data_root']})")
+    left_out = ", ".join(f"{n} {split}" for split, n in summary["left_out_by_split"].items())
+    print(f"splits: {', '.join(summary['splits'])} only"
+          + (f"; left out {left_out} records (--splits to include them)" if left_out else "")
+          + (f"; kept {summary['without_split']} records without a split field"
+             if summary["without_split"] else ""))  # fmt: skip
     print(f"{'source':<48}{'records':>9}{'duplicates':>12}{'drawn':>8}")
     for s in summary["sources"]:
         note = "  (upsampled)" if s["upsampled"] else ""
@@ -162,12 +183,13 @@ def _backend(spec: str, model: str | None, args):
 
 def captions(args) -> int:
     from ..data.captions.pipeline import CaptionSettings, run_captions
+    from ..data.records import default_data_root
 
     settings = CaptionSettings(candidates=args.candidates, threshold=args.threshold,
                                temperature=args.temperature, judge_retries=args.judge_retries,
                                concurrency=args.concurrency)  # fmt: skip
     judges = [_backend(j, args.judge_model, args) for j in args.judge]
-    summary = run_captions(args.clips, args.root or Path(args.clips).parent,
+    summary = run_captions(args.clips, args.root or default_data_root(args.clips),
                            _backend(args.generator, args.generator_model, args), judges, args.out, settings)  # fmt: skip
     print(json.dumps(summary, indent=2))
     return 0
@@ -209,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     tok = sub.add_parser("tokens", help="visual tokens per modality, with and without pruning")
     tok.add_argument("data", help="a .json/.jsonl data file or a YAML mixture")
-    tok.add_argument("--data-root", help="media root of a data file (default: its folder)")
+    tok.add_argument("--data-root", help=DATA_ROOT_HELP)
     which = tok.add_mutually_exclusive_group()
     which.add_argument("--preset", default="omnivmed-1.5b-shape",
                        help="model architecture (default: omnivmed-1.5b-shape, SigLIP so400m)")  # fmt: skip
@@ -229,9 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     mx.add_argument("mixture", help="a YAML mixture (datasets with path, root, ratio)")
     mx.add_argument("--out", required=True, help="folder for mixture.jsonl, its summary and plot")
+    mx.add_argument("--splits", default="train", metavar="SPLIT[,SPLIT...]",
+                    help="the records' splits to draw from (default: train; records without a "
+                    "split field are always kept)")  # fmt: skip
     cap = sub.add_parser("captions", help="rejection-sampled captions for video clips (Fig. 4)")
     cap.add_argument("clips", help='JSONL of {"id": ..., "video": file or frame folder}')
-    cap.add_argument("--root", help="clip paths resolve here (default: the file's folder)")
+    cap.add_argument(
+        "--root", help="clip paths resolve here (default: as --data-root of the other commands)"
+    )
     cap.add_argument(
         "--generator", required=True, help="an OpenAI-compatible base URL (…/v1) or a model folder"
     )
@@ -251,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--out", required=True)
     clp = sub.add_parser("clips", help="short clips around the annotated frames of surgical VQA")
     clp.add_argument("records", help="a converted frame-level file (endovis18-vqa, ...)")
-    clp.add_argument("--data-root", help="its media root, the release (default: the file's folder)")
+    clp.add_argument("--data-root", help=DATA_ROOT_HELP)
     clp.add_argument("--out", required=True, help="folder for the clips and their records")
     clp.add_argument("--window", type=int, default=8, help="frames per clip (default 8)")
     clp.add_argument("--stride", type=int, default=1, help="source frames between clip frames")
@@ -267,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="hard-link the release's frames instead of copying them (a frame edited in place then changes both)")  # fmt: skip
     val = sub.add_parser("validate", help="check a data file and its media without training")
     val.add_argument("data")
-    val.add_argument("--data-root", help="media root (default: the file's folder)")
+    val.add_argument("--data-root", help=DATA_ROOT_HELP)
     val.add_argument("--no-read", action="store_true", help="check existence only, not readability")
     args = parser.parse_args(argv)
     try:

@@ -6,7 +6,8 @@ into a short clip of consecutive frames around it:
 
 - a sequence is the folder that holds the annotated frame (as the record names it; links
   are not followed), its frames in natural name order (frame9 before frame10); a clip
-  never takes frames from another folder;
+  never takes frames from another folder, and a frame or video that is a link leading
+  outside the data root is refused, never copied;
 - or, where the release's frames are numbers of frames of recorded videos (Cholec80) and
   the videos are there, the sequence is the video (`source_video`, a path template with
   `{sequence}` for the frame folder's name) and the clip's frames are decoded from it;
@@ -45,7 +46,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .records import load_records
+from .files import UnsafePathError, inside_root, output_folder, write_text_atomic
+from .records import default_data_root, load_records
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 EDGES = ("shift", "skip")
@@ -111,10 +113,20 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
-def sequence_frames(folder: Path) -> list[Path]:
-    """The frame images of one sequence folder, in natural name order."""
+def sequence_frames(folder: Path, root: Path) -> list[Path]:
+    """The frame images of one sequence folder, in natural name order. A frame that is a
+    link leading outside the data root is refused (it would be copied into a clip)."""
     files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    for frame in files:
+        _check_inside(root, frame)
     return sorted(files, key=lambda p: _natural_key(p.name))
+
+
+def _check_inside(root: Path, path: Path) -> None:
+    try:
+        inside_root(root, path)
+    except UnsafePathError as exc:
+        raise ClipError(str(exc)) from None
 
 
 def _clip_id(frame: str) -> str:
@@ -187,7 +199,7 @@ class _FolderSequence:
 
     def __init__(self, folder: Path, root: Path) -> None:
         self.key, self.name = folder, folder.relative_to(root).as_posix()
-        self.files = sequence_frames(folder)
+        self.files = sequence_frames(folder, root)
         self.index = {f: i for i, f in enumerate(self.files)}
         self.root = root
         self.fps = 1.0  # frame images carry no rate
@@ -255,7 +267,8 @@ def _frame_key(frame: Path, root: Path, source_video: str | None) -> tuple[Path,
         raise ClipError(
             f"source video {source_video!r}: only {{sequence}} may be named ({exc})"
         ) from None
-    if not video.resolve().is_relative_to(root.resolve()) or not video.is_file():
+    _check_inside(root, video)
+    if not video.is_file():
         return "video_missing"
     return video, (video, int(frame.stem))
 
@@ -286,8 +299,10 @@ def cut_clips(
     name of the annotated frame's folder, e.g. "videos/video{sequence:0>2}.mp4"), clips
     are cut from that video, the frame's name being its frame number there."""
     records_file = Path(records_file)
-    root = Path(os.path.abspath(data_root if data_root is not None else records_file.parent))
-    out = Path(out_dir)
+    root = Path(
+        os.path.abspath(data_root if data_root is not None else default_data_root(records_file))
+    )
+    out = output_folder(out_dir)
     records = load_records(records_file, root)
     by_frame: dict[Path, list] = {}
     for rec in records:
@@ -360,9 +375,7 @@ def cut_clips(
     written = {}
     for name, rows in (("clips.jsonl", clip_lines), ("clip_records.jsonl", clip_records)):
         path = out / name
-        tmp = path.with_name(name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         written[name] = hashlib.sha256(path.read_bytes()).hexdigest()
     summary = {
         "records_file": str(records_file),
@@ -378,7 +391,7 @@ def cut_clips(
         "skipped_examples": {k: v[:5] for k, v in skipped.items() if v},
         "sha256": written,
     }
-    (out / "clips.summary.json").write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
+    write_text_atomic(out / "clips.summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -1,8 +1,10 @@
 """`omnivmed-data mix`: one training file from a YAML mixture of converted files (the
-format `omnivmed-train` reads, see data/mixture.py): duplicates removed (the same media
-with the same question and answer, within and across files), each file sampled to its
-ratio with the same rule training uses, and the modality / task / dataset distribution
-reported as a table, JSON and a bar chart (OmniV-Med's Fig. 2)."""
+format `omnivmed-train` reads, see data/mixture.py): only the records of the chosen
+splits (the training split unless asked otherwise, so no test record reaches training by
+default; records without a `split` field are kept and counted), duplicates removed (the
+same media with the same question and answer, within and across files), each file sampled
+to its ratio with the same rule training uses, and the modality / task / dataset
+distribution reported as a table, JSON and a bar chart (OmniV-Med's Fig. 2)."""
 
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ from typing import Any
 import numpy as np
 
 from ..models.kinds import VisualKind
+from .files import atomic_write, output_folder, write_text_atomic
 from .mixture import MixtureError, draw, entry_records, read_spec, sample_counts
 from .records import Record
+
+TRAINING_SPLITS = ("train",)
 
 _LIST_KEY = {VisualKind.IMAGE: "images", VisualKind.VIDEO: "videos", VisualKind.VOLUME: "volumes"}
 
@@ -49,13 +54,32 @@ def _raw(record: Record, root: Path) -> dict[str, Any]:
     return out
 
 
-def build_mix(yaml_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    yaml_path, out_dir = Path(yaml_path), Path(out_dir)
+def _in_splits(records: list[Record], splits: tuple[str, ...]) -> tuple[list[Record], dict]:
+    """The records of `splits` (and those without a split field), and the count of each
+    split left out."""
+    kept, left_out = [], Counter()
+    for r in records:
+        split = r.meta.get("split")
+        if split is None or str(split) in splits:
+            kept.append(r)
+        else:
+            left_out[str(split)] += 1
+    return kept, dict(sorted(left_out.items()))
+
+
+def build_mix(
+    yaml_path: str | Path, out_dir: str | Path, splits: tuple[str, ...] = TRAINING_SPLITS
+) -> dict[str, Any]:
+    """The mixture of `yaml_path`'s files, drawn from the records of `splits` only."""
+    yaml_path, out_dir = Path(yaml_path), output_folder(out_dir)
+    if not splits:
+        raise MixtureError("at least one split must be chosen")
     spec, entries = read_spec(yaml_path)
     seen: set[str] = set()
     sources, pools, ratios = [], [], []
     for k, entry in enumerate(entries):
-        records = entry_records(yaml_path, k, entry)
+        everything = entry_records(yaml_path, k, entry)
+        records, left_out = _in_splits(everything, splits)
         path = yaml_path.parent / entry["path"]
         kept = []
         for r in records:
@@ -66,9 +90,14 @@ def build_mix(yaml_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
         ratio = float(entry.get("ratio", 1.0))
         if ratio < 0:
             raise MixtureError(f"{yaml_path}: datasets[{k}]: ratio must be >= 0, got {ratio}")
-        sources.append(
-            {"path": str(path), "records": len(records), "duplicates": len(records) - len(kept)}
-        )
+        if ratio > 0 and not records:
+            raise MixtureError(f"{path}: no records of splits {list(splits)} (it holds "
+                               f"{left_out}); choose others with --splits")  # fmt: skip
+        sources.append({
+            "path": str(path), "records": len(records), "duplicates": len(records) - len(kept),
+            "left_out_by_split": left_out,
+            "without_split": sum(1 for r in records if r.meta.get("split") is None),
+        })  # fmt: skip
         pools.append(kept)
         ratios.append(ratio)
     if sum(ratios) <= 0:
@@ -78,7 +107,11 @@ def build_mix(yaml_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     drawn: list[Record] = []
     for source, pool, count in zip(sources, pools, sample_counts(ratios, total), strict=True):
         if count and not pool:
-            raise MixtureError(f"{source['path']}: no records left but its ratio asks for {count}")
+            others = (
+                f"; it holds {source['left_out_by_split']}" if source["left_out_by_split"] else ""
+            )
+            raise MixtureError(f"{source['path']}: no records of splits {list(splits)} left but its "
+                               f"ratio asks for {count}{others}")  # fmt: skip
         picks = draw(rng, len(pool), int(count))
         source.update(drawn=int(count), upsampled=bool(count > len(pool)))
         # Ids stay unique when a file is drawn more than once.
@@ -96,18 +129,23 @@ def build_mix(yaml_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
         root = root.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "mixture.jsonl"
-    with out.open("w", encoding="utf-8") as f:
+    with atomic_write(out) as f:
         for r in drawn:
             f.write(json.dumps(_raw(r, root), ensure_ascii=False) + "\n")
 
     def dist(key: str) -> dict[str, int]:
         return dict(Counter(str(r.meta.get(key) or "unknown") for r in drawn).most_common())
 
-    summary = {"output": str(out), "data_root": str(root), "records": len(drawn), "sources": sources,
+    left_out = Counter()
+    for source in sources:
+        left_out.update(source["left_out_by_split"])
+    summary = {"output": str(out), "data_root": str(root), "records": len(drawn),
+               "splits": list(splits), "left_out_by_split": dict(sorted(left_out.items())),
+               "without_split": sum(s["without_split"] for s in sources), "sources": sources,
                "modality": dist("modality"), "task": dist("question_type"), "dataset": dist("dataset"),
                "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}  # fmt: skip
-    (out_dir / "mixture.summary.json").write_text(
-        json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
+    write_text_atomic(
+        out_dir / "mixture.summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n"
     )
     _plot(summary, out_dir / "distribution.png")
     return summary

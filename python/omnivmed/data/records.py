@@ -23,6 +23,7 @@ from typing import Any
 
 from ..models.kinds import VisualKind
 from ..processing.intensity import INTENSITY_MODES
+from .files import UnsafePathError, inside_root
 
 _KIND_KEYS = {"images": VisualKind.IMAGE, "image": VisualKind.IMAGE, "videos": VisualKind.VIDEO,
               "video": VisualKind.VIDEO, "volumes": VisualKind.VOLUME, "volume": VisualKind.VOLUME}  # fmt: skip
@@ -136,10 +137,10 @@ def _resolve(
         raise RecordError(
             f"sample {sample_id!r}: a media entry must be a path string, got {value!r}"
         )
-    path = (root / value).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise RecordError(f"sample {sample_id!r}: {value!r} points outside the data root {root}")
-    return path, options
+    try:
+        return inside_root(root, value), options
+    except UnsafePathError as exc:
+        raise RecordError(f"sample {sample_id!r}: {exc}") from None
 
 
 def parse_record(
@@ -190,6 +191,39 @@ def parse_record(
     return Record(sample_id, convs, media, meta, sources)
 
 
+def summary_path(data_file: str | Path) -> Path:
+    """Where the tool that wrote a data file (`convert`, `mix`) leaves its summary."""
+    return Path(data_file).with_suffix(".summary.json")
+
+
+def default_data_root(data_file: str | Path) -> Path:
+    """The data root of a data file given without one: the root its writer recorded in the
+    summary beside it (`omnivmed-data convert` writes paths relative to the release and
+    records the release there), else the file's own folder. Every reader of data files
+    defaults through here, so a converted file reads the same in every tool."""
+    data_file = Path(data_file)
+    summary = summary_path(data_file)
+    if not summary.is_file():
+        return data_file.parent
+    try:
+        recorded = json.loads(summary.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecordError(
+            f"{summary}: not a readable summary ({exc}); pass the data root"
+        ) from None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("data_root"), str):
+        return data_file.parent
+    if Path(str(recorded.get("output", ""))).name != data_file.name:
+        return data_file.parent  # the summary of another file
+    root = Path(recorded["data_root"])
+    if not root.is_dir():
+        raise RecordError(
+            f"{data_file}: its data root {root} (recorded in {summary}) is not a folder; "
+            "pass the data root where the media are now"
+        )
+    return root
+
+
 def load_records(
     path: str | Path,
     root: str | Path | None = None,
@@ -197,7 +231,7 @@ def load_records(
     media_defaults: dict[str, Any] | None = None,
 ) -> list[Record]:
     """Read a .json (list) or .jsonl file; media paths resolve against `root` (default:
-    the file's folder). A record that cannot be parsed is an error, or with
+    `default_data_root`). A record that cannot be parsed is an error, or with
     `on_error="skip"` is left out with a warning that names it and counts the skips.
     `media_defaults` are media options for every record of the file (a dataset's
     `intensity`, say); a record's own entry wins."""
@@ -206,7 +240,7 @@ def load_records(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    root = Path(root) if root is not None else path.parent
+    root = Path(root) if root is not None else default_data_root(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

@@ -37,20 +37,21 @@ def modality_of(record: Record, kind_name: str, multi: bool) -> str:
 
 def token_statistics(
     records: list[Record], processor: OmniVMedProcessor, skip_errors: bool = True
-) -> tuple[list[ModalityTokens], list[str]]:
-    """Per-modality totals (and the ids of samples that could not be read, when skipped)."""
+) -> tuple[list[ModalityTokens], list[tuple[str, str]]]:
+    """Per-modality totals, and (id, why) of each sample that could not be read, when
+    skipped."""
     totals: dict[str, ModalityTokens] = {}
-    failed: list[str] = []
+    failed: list[tuple[str, str]] = []
     for record in tqdm(records, desc="visual tokens", unit="sample"):
         if not record.media:
             continue
         media = [Media(kind, path, options) for kind, path, options in record.media]
         try:
             visual = processor.encode_media(media, record.id, prune=True)
-        except ValueError:
+        except ValueError as exc:
             if not skip_errors:
                 raise
-            failed.append(record.id)
+            failed.append((record.id, str(exc)))
             continue
         for (kind, _, _), kept, full in zip(
             record.media, visual.token_counts, visual.unpruned_counts, strict=True

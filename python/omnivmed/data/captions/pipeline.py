@@ -19,6 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..files import UnsafePathError, output_folder, regular_file
 from .backends import (
     CRITERIA,
     GENERATE_PROMPT,
@@ -67,9 +68,20 @@ def load_clips(path: Path, root: Path) -> list[Clip]:
             raise ValueError(
                 f"{path}:{number}: clip {cid!r}: {row['video']!r} holds no frame images"
             )
+        _check_clip_files(Clip(cid, video), root, f"{path}:{number}")
         ids.add(cid)
         clips.append(Clip(cid, video))
     return clips
+
+
+def _check_clip_files(clip: Clip, root: Path, where: str) -> None:
+    """Every file a backend will read and send (the video, or each frame of a folder): a
+    regular file, and no link leading outside the root."""
+    for file in clip.frames() if clip.path.is_dir() else [clip.path]:
+        try:
+            regular_file(root, file)
+        except UnsafePathError as exc:
+            raise ValueError(f"{where}: clip {clip.id!r}: {exc}") from None
 
 
 def _judge(judge: Backend, clip: Clip, caption: str, retries: int) -> dict[str, Any]:
@@ -120,7 +132,7 @@ def run_captions(clips_file: str | Path, root: str | Path, generator: Backend, j
     s.check()
     if not judges:
         raise ValueError("at least one judge is needed")
-    root, out_dir = Path(root), Path(out_dir)
+    root, out_dir = Path(root), output_folder(out_dir)
     clips = load_clips(Path(clips_file), root)
     out_dir.mkdir(parents=True, exist_ok=True)
     audit_path, out_path = out_dir / "audit.jsonl", out_dir / "captions.jsonl"

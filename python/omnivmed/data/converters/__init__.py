@@ -5,8 +5,10 @@ expected, the fields used, the split rule and the expected counts).
 Each converter is one file that defines a `Converter` subclass, which registers itself by
 name. `convert_dataset` runs one: it writes the records as JSONL (media paths relative to
 the input folder, which is the data root), refuses output where one image is in two
-splits, and returns a summary (records per split, modality, question type and answer
-type, the documented counts beside them, problems per file, the output's SHA-256).
+splits, and writes and returns a summary (records per split, modality, question type and
+answer type, the documented counts beside them, problems per file with the first few
+named, the data root, the output's SHA-256). Every file of the release is read through
+the helpers below, which refuse named pipes and links that lead outside the release.
 """
 
 from __future__ import annotations
@@ -24,13 +26,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..records import RecordError, parse_record
+from ..files import (
+    UnsafePathError,
+    atomic_write,
+    inside_root,
+    output_file,
+    regular_file,
+    write_text_atomic,
+)
+from ..records import RecordError, parse_record, summary_path
 
 CONVERTERS: dict[str, type[Converter]] = {}
+# Longest CSV field read, in characters: far above any report or question (csv's own
+# default, 128 KiB, refuses long reports), still a bound on what one row may hold.
+CSV_FIELD_LIMIT = 16 << 20
+# Problems named per file in the summary and on the terminal (the rest are counted).
+EXAMPLES_PER_FILE = 3
 
 
 class ConversionError(ValueError):
     """The input does not match the source's documented layout (names what is wrong)."""
+
+
+class RefusedFileError(ConversionError):
+    """A release file refused unread: a link or `..` leading outside the release, or not
+    a regular file (a named pipe would block the reader forever)."""
 
 
 @dataclass
@@ -41,6 +61,9 @@ class Problems:
     by_file: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     # Entries a source's documented rule leaves out (not defects): reason -> count.
     by_rule: Counter = field(default_factory=Counter)
+    # Files refused unread (links out of the release, pipes), named apart from the rest
+    # so they are never lost among missing images.
+    refused: list[str] = field(default_factory=list)
 
     def leave_out(self, reason: str) -> None:
         self.by_rule[reason] += 1
@@ -50,8 +73,16 @@ class Problems:
             raise ConversionError(f"{file}: {what}")
         self.by_file[str(file)].append(what)
 
+    def refuse(self, file: str | Path, what: str) -> None:
+        """A problem that is a refused file: counted with the file's problems and named."""
+        self.add(file, what)
+        self.refused.append(f"{Path(file).name}: {what}")
+
     def counts(self) -> dict[str, int]:
         return {f: len(v) for f, v in self.by_file.items()}
+
+    def examples(self) -> dict[str, list[str]]:
+        return {f: v[:EXAMPLES_PER_FILE] for f, v in self.by_file.items()}
 
 
 class Converter:
@@ -68,18 +99,40 @@ class Converter:
         if "name" in cls.__dict__:
             CONVERTERS[cls.name] = cls
 
+    def __init__(self, root: Path) -> None:
+        self.root = root  # the release: every file read is checked against it
+
     def records(self, root: Path, problems: Problems) -> Iterator[dict[str, Any]]:
         raise NotImplementedError
 
     # ---- shared helpers -----------------------------------------------------------------
-    @staticmethod
-    def require(path: Path, what: str) -> Path:
+    def release_file(self, path: Path) -> Path:
+        """`path`, checked before it is read: a regular file (a named pipe would block the
+        reader forever) that no link takes outside the release."""
+        try:
+            regular_file(self.root, Path(os.path.abspath(path)))
+        except UnsafePathError as exc:
+            raise RefusedFileError(str(exc)) from None
+        return path
+
+    def require(self, path: Path, what: str) -> Path:
+        try:
+            inside_root(self.root, Path(os.path.abspath(path)))
+        except UnsafePathError as exc:
+            raise ConversionError(f"{exc}: expected {what}") from None
         if not path.exists():
             raise ConversionError(f"{path} is missing: expected {what}")
         return path
 
-    @staticmethod
-    def read_json_list(source: Path, what: str) -> list:
+    def read_text(self, source: Path) -> str:
+        """A text file of the release (a byte-order mark dropped)."""
+        try:
+            return self.release_file(source).read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ConversionError(f"{source}: not UTF-8 text ({exc})") from None
+
+    def read_json_list(self, source: Path, what: str) -> list:
+        self.release_file(source)
         try:
             rows = json.loads(source.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -88,13 +141,15 @@ class Converter:
             raise ConversionError(f"{source}: expected a non-empty list of questions")
         return rows
 
-    @staticmethod
     def read_csv_rows(
-        source: Path, columns: tuple[str, ...]
+        self, source: Path, columns: tuple[str, ...]
     ) -> Iterator[tuple[int, str, dict[str, str]]]:
         """(row index, row key for messages, row) of a CSV (gzipped where it ends in .gz)
         that must hold `columns`; a short row's missing cells read as ""."""
+        self.release_file(source)
         opener = gzip.open if source.suffix == ".gz" else open
+        previous_limit = csv.field_size_limit(CSV_FIELD_LIMIT)
+        reader = None
         try:
             with opener(source, "rt", newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f)
@@ -105,10 +160,17 @@ class Converter:
                     )
                 for i, row in enumerate(reader):
                     yield i, f"row {i + 2}", {k: v or "" for k, v in row.items() if k is not None}
+        except csv.Error as exc:  # a field over the limit, a NUL byte, an unclosed quote
+            # csv counts a line once it is parsed: the failing one is the next.
+            line = (reader.line_num if reader is not None else 0) + 1
+            raise ConversionError(f"{source}, line {line}: not a readable CSV row ({exc}; "
+                                  f"fields may hold up to {CSV_FIELD_LIMIT} characters)") from None  # fmt: skip
         except UnicodeDecodeError as exc:
             raise ConversionError(f"{source}: not UTF-8 text ({exc})") from None
         except (OSError, EOFError) as exc:  # a truncated or foreign .gz
             raise ConversionError(f"{source}: not a readable table ({exc})") from None
+        finally:
+            csv.field_size_limit(previous_limit)
 
     @staticmethod
     def open_closed_qa(
@@ -133,17 +195,13 @@ class Converter:
             problems.add(source, f"{key}: field {exc} is missing")
             return None
 
-    @staticmethod
     def question_answer_lines(
-        source: Path, problems: Problems, fields: int = 2
+        self, source: Path, problems: Problems, fields: int = 2
     ) -> Iterator[tuple[int, int, list[str]]]:
         """(line number, index among the non-blank lines, its `fields` non-empty parts) of a
         "a|b[|c]" question file, the surgical VQA releases' format; other lines are
         counted."""
-        try:
-            text = source.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise ConversionError(f"{source}: not UTF-8 text ({exc})") from None
+        text = self.read_text(source)
         shape = "|".join(["question", "answer"] if fields == 2 else ["image", "question", "answer"])
         lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
         for index, (number, line) in enumerate(lines):
@@ -167,8 +225,15 @@ class Converter:
 
     @staticmethod
     def image_ok(root: Path, relative: str, problems: Problems, source: Path, key: str) -> bool:
-        if not (root / relative).is_file():
-            problems.add(source, f"{key}: image {relative} is missing")
+        """Whether the medium is there to be read; counted (and named) where it is
+        missing, not a regular file, or a link leading outside the release."""
+        try:
+            if not inside_root(root, relative).exists():
+                problems.add(source, f"{key}: image {relative} is missing")
+                return False
+            regular_file(root, relative)
+        except UnsafePathError as exc:
+            problems.refuse(source, f"{key}: image {exc}")
             return False
         return True
 
@@ -197,10 +262,10 @@ def converter_names() -> list[str]:
     return sorted(CONVERTERS)
 
 
-def get_converter(name: str) -> Converter:
+def get_converter(name: str, root: Path) -> Converter:
     if name not in converter_names():
         raise ConversionError(f"unknown source {name!r}; known: {sorted(CONVERTERS)}")
-    return CONVERTERS[name]()
+    return CONVERTERS[name](root)
 
 
 def _media(rec: dict) -> list[str]:
@@ -215,10 +280,14 @@ def _media(rec: dict) -> list[str]:
 def convert_dataset(
     name: str, input_dir: str | Path, out_file: str | Path, strict: bool = False
 ) -> dict:
-    converter = get_converter(name)
     root = Path(input_dir)
+    converter = get_converter(name, root)
     if not root.is_dir():
         raise ConversionError(f"{root} is not a folder (the {name} release, unpacked)")
+    try:
+        out = output_file(out_file)
+    except UnsafePathError as exc:
+        raise ConversionError(str(exc)) from None
     problems = Problems(strict=strict)
     records = []
     for i, rec in enumerate(converter.records(root, problems)):
@@ -249,20 +318,17 @@ def convert_dataset(
             f"{name}: {len(leaked)} images appear in more than one split, e.g. {examples}; "
             "refusing output that mixes train and test"
         )
-    out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_write(out) as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(out)
     counts = {
         key: dict(sorted(Counter(str(r.get(key)) for r in records).items()))
         for key in ("split", "modality", "question_type", "answer_type", "language")
     }
     by_split = counts["split"]
     expected = converter.expected_counts
-    return {
+    summary = {
         "source": name,
         "dataset": converter.dataset,
         "records": len(records),
@@ -273,8 +339,14 @@ def convert_dataset(
         ),
         "images_in_several_splits": len(leaked),
         "problems": problems.counts(),
+        "problem_examples": problems.examples(),
+        "refused_files": len(problems.refused),
+        "refused_examples": problems.refused[:EXAMPLES_PER_FILE],
         "left_out_by_rule": dict(sorted(problems.by_rule.items())),
         "output": str(out),
+        # The root the media paths are relative to; readers of the output default to it.
         "data_root": str(root.resolve()),
         "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
     }
+    write_text_atomic(summary_path(out), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    return summary

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import ConversionError, Converter, Problems
+from . import ConversionError, Converter, Problems, RefusedFileError
 from .m3d_vqa import M3D_ARRAYS
 
 SPLITS = ("train", "validation", "test")
@@ -30,8 +30,8 @@ class M3DCap(Converter):
             raise ConversionError(f"{candidates[0]} is missing: expected M3D-Cap's split file "
                                   f"(or {candidates[1].name} in {root})")  # fmt: skip
         try:
-            table = json.loads(source.read_text(encoding="utf-8-sig"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            table = json.loads(self.read_text(source))
+        except json.JSONDecodeError as exc:
             raise ConversionError(f"{source}: not M3D-Cap's JSON ({exc})") from None
         missing = [
             s for s in SPLITS if not isinstance(table, dict) or not isinstance(table.get(s), list)
@@ -46,15 +46,18 @@ class M3DCap(Converter):
                 ):
                     problems.add(source, f"{key}: expected image and text paths")
                     continue
-                volume, text_path = entry["image"], (root / entry["text"]).resolve()
-                if not text_path.is_relative_to(root.resolve()):
-                    problems.add(source, f"{key}: report {entry['text']} is outside {root}")
-                    continue
+                volume = entry["image"]
                 if not self.image_ok(root, volume, problems, source, key):
                     continue
                 try:
-                    report = text_path.read_text(encoding="utf-8-sig").strip()
-                except (OSError, UnicodeDecodeError) as exc:
+                    report = self.read_text(root / entry["text"]).strip()
+                except RefusedFileError as exc:
+                    problems.refuse(source, f"{key}: report {exc}")
+                    continue
+                except ConversionError as exc:  # not UTF-8
+                    problems.add(source, f"{key}: report {exc}")
+                    continue
+                except OSError as exc:
                     problems.add(source, f"{key}: report {entry['text']} is unreadable ({exc})")
                     continue
                 if not report:

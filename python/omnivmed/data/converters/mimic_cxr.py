@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import ConversionError, Converter, Problems
+from . import ConversionError, Converter, Problems, RefusedFileError
 
 FRONTAL = ("PA", "AP")
 SPLITS = ("train", "validate", "test")
@@ -111,10 +111,14 @@ class MimicCxr(Converter):
                     sections_of[(subject, study)] = None
                     continue
                 try:
-                    sections_of[(subject, study)] = report_sections(
-                        report.read_text(encoding="utf-8-sig")
-                    )
-                except (OSError, UnicodeDecodeError) as exc:
+                    sections_of[(subject, study)] = report_sections(self.read_text(report))
+                except RefusedFileError as exc:
+                    problems.refuse(report, str(exc))
+                    sections_of[(subject, study)] = None
+                except ConversionError as exc:  # not UTF-8
+                    problems.add(report, str(exc))
+                    sections_of[(subject, study)] = None
+                except OSError as exc:
                     problems.add(report, f"unreadable ({exc})")
                     sections_of[(subject, study)] = None
             sections = sections_of[(subject, study)]

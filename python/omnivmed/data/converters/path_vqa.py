@@ -26,6 +26,7 @@ class PathVqa(Converter):
                 root / "qas" / split / f"{split}_qa.pkl", f"PathVQA's {split} questions"
             )
             self.require(root / "images" / split, f"PathVQA's {split} images")
+            self.release_file(source)
             try:
                 rows = load_plain_pickle(source)
             except RefusedPickle as exc:
