@@ -280,6 +280,26 @@ def test_mix_takes_the_training_split_unless_told_otherwise(tmp_path, capsys):
     assert "no records of splits ['training']" in one_line_error(capsys)
 
 
+def test_training_mixtures_draw_from_the_training_split_unless_told_otherwise(tmp_path):
+    from omnivmed.data import load_mixture
+    from omnivmed.data.mixture import MixtureError
+
+    convert_dataset("slake", slake_tree(tmp_path / "slake"), tmp_path / "slake.jsonl")
+    spec = {"seed": 0, "datasets": [{"path": "slake.jsonl", "root": "slake", "ratio": 1.0}]}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(spec))
+    mixture = load_mixture(tmp_path / "mix.yaml", processor=None)
+    assert {r.meta["split"] for part in mixture.parts for r in part.records} == {"train"}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump({**spec, "splits": ["train", "test"]}))
+    mixture = load_mixture(tmp_path / "mix.yaml", processor=None)
+    assert {r.meta["split"] for part in mixture.parts for r in part.records} == {"train", "test"}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump({**spec, "splits": ["training"]}))
+    with pytest.raises(MixtureError, match=r"no records of splits \['training'\]"):
+        load_mixture(tmp_path / "mix.yaml", processor=None)
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump({**spec, "splits": "train"}))
+    with pytest.raises(MixtureError, match="'splits' must be a non-empty list"):
+        load_mixture(tmp_path / "mix.yaml", processor=None)
+
+
 # ---- the data root a converted file is read with ---------------------------------------------
 def test_converted_files_read_with_their_release_as_data_root(tmp_path, capsys):
     from omnivmed.data.records import default_data_root

@@ -147,7 +147,9 @@ def convert(args) -> int:
 def mix(args) -> int:
     from ..data.mix import build_mix
 
-    splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    splits = None
+    if args.splits is not None:
+        splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     summary = build_mix(args.mixture, args.out, splits)
     print(f"{summary['records']} samples -> {summary['output']} (data root {summary['data_root']})")
     left_out = ", ".join(f"{n} {split}" for split, n in summary["left_out_by_split"].items())
@@ -251,9 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     mx.add_argument("mixture", help="a YAML mixture (datasets with path, root, ratio)")
     mx.add_argument("--out", required=True, help="folder for mixture.jsonl, its summary and plot")
-    mx.add_argument("--splits", default="train", metavar="SPLIT[,SPLIT...]",
-                    help="the records' splits to draw from (default: train; records without a "
-                    "split field are always kept)")  # fmt: skip
+    mx.add_argument("--splits", metavar="SPLIT[,SPLIT...]",
+                    help="the records' splits to draw from (default: the mixture's 'splits', "
+                    "else train; records without a split field are always kept)")  # fmt: skip
     cap = sub.add_parser("captions", help="rejection-sampled captions for video clips (Fig. 4)")
     cap.add_argument("clips", help='JSONL of {"id": ..., "video": file or frame folder}')
     cap.add_argument(

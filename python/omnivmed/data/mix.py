@@ -19,10 +19,16 @@ import numpy as np
 
 from ..models.kinds import VisualKind
 from .files import atomic_write, output_folder, write_text_atomic
-from .mixture import MixtureError, draw, entry_records, read_spec, sample_counts
+from .mixture import (
+    MixtureError,
+    draw,
+    entry_records,
+    in_splits,
+    mixture_splits,
+    read_spec,
+    sample_counts,
+)
 from .records import Record
-
-TRAINING_SPLITS = ("train",)
 
 _LIST_KEY = {VisualKind.IMAGE: "images", VisualKind.VIDEO: "videos", VisualKind.VOLUME: "volumes"}
 
@@ -54,32 +60,21 @@ def _raw(record: Record, root: Path) -> dict[str, Any]:
     return out
 
 
-def _in_splits(records: list[Record], splits: tuple[str, ...]) -> tuple[list[Record], dict]:
-    """The records of `splits` (and those without a split field), and the count of each
-    split left out."""
-    kept, left_out = [], Counter()
-    for r in records:
-        split = r.meta.get("split")
-        if split is None or str(split) in splits:
-            kept.append(r)
-        else:
-            left_out[str(split)] += 1
-    return kept, dict(sorted(left_out.items()))
-
-
 def build_mix(
-    yaml_path: str | Path, out_dir: str | Path, splits: tuple[str, ...] = TRAINING_SPLITS
+    yaml_path: str | Path, out_dir: str | Path, splits: tuple[str, ...] | None = None
 ) -> dict[str, Any]:
-    """The mixture of `yaml_path`'s files, drawn from the records of `splits` only."""
+    """The mixture of `yaml_path`'s files, drawn from the records of `splits` only (default:
+    the mixture's own `splits`, which default to the training split, as in training)."""
     yaml_path, out_dir = Path(yaml_path), output_folder(out_dir)
-    if not splits:
+    if splits is not None and not splits:
         raise MixtureError("at least one split must be chosen")
     spec, entries = read_spec(yaml_path)
+    splits = splits or mixture_splits(yaml_path, spec)
     seen: set[str] = set()
     sources, pools, ratios = [], [], []
     for k, entry in enumerate(entries):
         everything = entry_records(yaml_path, k, entry)
-        records, left_out = _in_splits(everything, splits)
+        records, left_out = in_splits(everything, splits)
         path = yaml_path.parent / entry["path"]
         kept = []
         for r in records:

@@ -2,6 +2,7 @@
 
     seed: 0
     num_samples: 1000          # optional: defaults to the sum of the files' sizes
+    splits: [train]            # optional: the records' splits to draw from (default: train)
     datasets:
       - path: pmc_vqa.json     # relative to the YAML file
         root: media/pmc        # media root (default: the data file's folder)
@@ -10,6 +11,10 @@
         ratio: 0.3
         intensity: none        # optional: media options for every record of the file
 
+Only records of the mixture's splits are drawn (records without a `split` field always
+are), so a converted release's validation and test records never reach training unless
+the mixture names their splits.
+
 Each file contributes round(ratio * num_samples) samples, drawn without replacement while
 it has enough and cycling through fresh shuffles beyond that; the order is shuffled with
 `seed`, so the mixture is the same on every run and every rank.
@@ -17,6 +22,7 @@ it has enough and cycling through fresh shuffles beyond that; the order is shuff
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +33,8 @@ from torch.utils.data import Dataset
 from .dataset import InstructionDataset
 from .records import RecordError, load_records
 
-_KEYS = {"seed", "num_samples", "datasets"}
+_KEYS = {"seed", "num_samples", "datasets", "splits"}
+TRAINING_SPLITS = ("train",)
 _ENTRY_KEYS = {"path", "root", "ratio", "intensity", "ct_window"}
 
 
@@ -70,6 +77,31 @@ def read_spec(yaml_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                 f"{yaml_path}: datasets[{k}] needs 'path' and only {sorted(_ENTRY_KEYS)}, got {entry}"
             )
     return spec, entries
+
+
+def mixture_splits(yaml_path: Path, spec: dict[str, Any]) -> tuple[str, ...]:
+    """The splits a mixture draws from: its `splits` list, or the training split."""
+    splits = spec.get("splits", list(TRAINING_SPLITS))
+    if (
+        not isinstance(splits, list)
+        or not splits
+        or not all(isinstance(s, str) and s for s in splits)
+    ):
+        raise MixtureError(f"{yaml_path}: 'splits' must be a non-empty list of split names")
+    return tuple(splits)
+
+
+def in_splits(records: list, splits: tuple[str, ...]) -> tuple[list, dict[str, int]]:
+    """The records of `splits` (and those without a split field), and the count of each
+    split left out."""
+    kept, left_out = [], Counter()
+    for r in records:
+        split = r.meta.get("split")
+        if split is None or str(split) in splits:
+            kept.append(r)
+        else:
+            left_out[str(split)] += 1
+    return kept, dict(sorted(left_out.items()))
 
 
 def entry_records(yaml_path: Path, k: int, entry: dict[str, Any], on_error: str = "raise") -> list:
@@ -116,9 +148,15 @@ def load_mixture(
 ) -> MixtureDataset:
     yaml_path = Path(yaml_path)
     spec, entries = read_spec(yaml_path)
+    splits = mixture_splits(yaml_path, spec)
     parts, ratios = [], []
     for k, entry in enumerate(entries):
-        records = entry_records(yaml_path, k, entry, on_error)
+        records, left_out = in_splits(entry_records(yaml_path, k, entry, on_error), splits)
+        if not records and float(entry.get("ratio", 1.0)) > 0:
+            raise MixtureError(
+                f"{yaml_path}: datasets[{k}] has no records of splits {list(splits)} (it "
+                f"holds {left_out}); name the splits to draw from with 'splits'"
+            )
         parts.append(InstructionDataset(records, processor, on_error=on_error, prune=prune))
         ratios.append(float(entry.get("ratio", 1.0)))
     return MixtureDataset(parts, ratios, spec.get("num_samples"), int(spec.get("seed", 0)))
