@@ -297,6 +297,12 @@ def test_viewer_in_a_real_headless_browser(server):
     base, _, _ = server
     browser = Browser(chromium)
     try:
+        # A volume opens at its middle slice.
+        browser.call("Page.navigate", url=f"{base}/?media=mri.nii.gz&type=volume_url&key={KEY}")
+        browser.wait_for("document.body.dataset.state === 'loaded'")
+        info = browser.eval("document.getElementById('frameinfo').textContent")
+        assert info.startswith("frame 5 of 8"), info
+        assert browser.eval("document.getElementById('slider').value") == "4"
         # Open a volume from the media root, scroll to its fourth slice (a repeat of the third,
         # so pruning removed most of it), ask a question.
         url = f"{base}/?media=mri.nii.gz&type=volume_url&key={KEY}&frame=3&ask=Is%20there%20a%20lesion%3F"

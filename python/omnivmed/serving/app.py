@@ -1,16 +1,20 @@
 """`omnivmed-serve`: an OpenAI-compatible chat completions API over a saved model.
 
     POST /v1/chat/completions   (stream or not; image_url, video_url and volume_url parts)
-    GET  /v1/models, GET /health
+    GET  /v1/models, GET /health, GET / (the viewer)
 
-Bad requests get a 4xx with an OpenAI-style error body and never stop the server: malformed
-JSON 400, a missing or wrong API key 401, a path outside the media root 403, a missing file
-404, a body or media part over its limit 413, an unsupported media type 415, unreadable
-media or too many tokens 400/422, too many requests in flight 429.
+Bad requests get a 4xx with an OpenAI-style error body (one short line, naming media as
+the client sent them, never a server path) and never stop the server: malformed JSON 400,
+a missing or wrong API key 401 (every /v1 route; the viewer page and /health are open), a
+path outside the media root 403, a missing file 404, a body that does not arrive within
+`read_timeout` 408, a body, media part, number of media parts or decoded pixels over its
+limit 413, an unsupported media type 415, unreadable media or too many tokens 400/422, too
+many requests in flight 429. A request takes a slot only once its body is read.
 """
 
 import asyncio
 import contextlib
+import hmac
 import json
 import tempfile
 import time
@@ -23,7 +27,21 @@ from ..inference.prompting import prompt_ids
 from ..processing.errors import MediaError
 from ..processing.processor import Media, OmniVMedProcessor
 from .engine import Engine, Job
-from .requests import MediaResolver, ParsedRequest, RequestError, parse_messages, parse_sampling
+from .requests import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    MediaLimits,
+    MediaResolver,
+    ParsedRequest,
+    RequestError,
+    parse_messages,
+    parse_model,
+    parse_sampling,
+)
+from .resources import BudgetedProcessor, release_memory
+
+MAX_ERROR_CHARS = 300  # an error message is one short line, whatever the request held
 
 
 @dataclass
@@ -33,6 +51,10 @@ class ServeSettings:
     api_key: str | None = None
     max_request_bytes: int = 64 * 2**20
     max_media_bytes: int = 48 * 2**20
+    max_media_parts: int = 16  # media parts per request
+    max_media_per_message: int = 8
+    max_request_pixels: int = 2**27  # pixels of every image, slice and frame a request decodes
+    read_timeout: float = 30.0  # seconds to deliver a request's headers, and then its body
     max_tokens: int = 1024  # completion tokens per request
     max_prompt_tokens: int = 16384  # text + visual tokens of the prompt
     max_concurrent: int = 64
@@ -40,11 +62,49 @@ class ServeSettings:
     max_wait_ms: float = 10.0
 
 
-def _error(status: int, message: str, code: str = "invalid_request_error"):
+def one_line(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`message` on one line, cut at `limit` characters."""
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _error(status: int, message: str, code: str = "invalid_request_error", close: bool = False):
     from fastapi.responses import JSONResponse
 
     return JSONResponse(
-        {"error": {"message": message, "type": code, "code": status}}, status_code=status
+        {"error": {"message": one_line(message), "type": code, "code": status}},
+        status_code=status,
+        # A client whose body never arrived must not keep its connection for another one.
+        headers={"Connection": "close"} if close else None,
+    )
+
+
+class _Slots:
+    """Requests being worked on (read, prepared, queued or generating), at most `limit`."""
+
+    def __init__(self, limit: int):
+        self.limit, self.n = limit, 0
+
+    def take(self) -> bool:
+        if self.n >= self.limit:
+            return False
+        self.n += 1
+        return True
+
+    def release(self) -> None:
+        self.n -= 1
+
+
+def _authorized(request, key: str | None) -> bool:
+    if not key:
+        return True
+    given = request.headers.get("authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
+
+
+def _unauthorized() -> RequestError:
+    return RequestError(
+        401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error"
     )
 
 
@@ -55,6 +115,7 @@ def create_app(model, tokenizer, options, settings: ServeSettings):
 
     processor = OmniVMedProcessor(model.config, tokenizer, options)
     engine = Engine(model, tokenizer, settings.max_batch_size, settings.max_wait_ms)
+    limits = MediaLimits(settings.max_media_parts, settings.max_media_per_message)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -63,18 +124,22 @@ def create_app(model, tokenizer, options, settings: ServeSettings):
 
     app = FastAPI(title="omnivmed-serve", lifespan=lifespan)
     app.state.engine = engine
-    in_flight = {"n": 0}
+    slots = _Slots(settings.max_concurrent)
+    # Bodies still arriving hold at most what `max_concurrent` full requests would, in all.
+    arriving = {"bytes": 0, "limit": settings.max_concurrent * settings.max_request_bytes}
 
     def prepare(parsed: ParsedRequest):
         """Media read and pruned once; the prompt tokenised and checked against the limits."""
         counts, visual = [], None
         if parsed.media:
+            media = [Media(k, p) for k, p in parsed.media]
+            budgeted = BudgetedProcessor(processor, settings.max_request_pixels)
             try:
-                visual = processor.encode_media([Media(k, p) for k, p in parsed.media], "request")
+                visual = budgeted.encode_media(media)
             except MediaError as exc:
                 raise RequestError(400, str(exc)) from None
             counts = list(visual.token_counts)
-        ids = prompt_ids(tokenizer, parsed.messages, counts, model.config.image_token, "request")
+        ids = prompt_ids(tokenizer, parsed.messages, counts, model.config.image_token)
         if ids.numel() > settings.max_prompt_tokens:
             raise RequestError(422, f"the prompt has {ids.numel()} tokens ({sum(counts)} visual); "
                                     f"this server allows {settings.max_prompt_tokens}")  # fmt: skip
@@ -87,51 +152,83 @@ def create_app(model, tokenizer, options, settings: ServeSettings):
             "rate_limit_error",
         )
 
+    async def collect_body(request: Request) -> bytes:
+        """The body, within its byte limit and the bytes all arriving bodies may hold."""
+        body_bytes = bytearray()
+        try:
+            async for chunk in request.stream():
+                body_bytes += chunk
+                arriving["bytes"] += len(chunk)
+                if len(body_bytes) > settings.max_request_bytes:
+                    raise RequestError(
+                        413, f"the request is over the {settings.max_request_bytes}-byte limit"
+                    )
+                if arriving["bytes"] > arriving["limit"]:
+                    raise RequestError(503, "too many request bodies are arriving; retry later",
+                                       "server_busy")  # fmt: skip
+        finally:
+            arriving["bytes"] -= len(body_bytes)
+        return bytes(body_bytes)
+
     async def read_json(request: Request) -> dict:
-        """The API key checked, the body read within its byte limit, parsed as an object."""
-        if (
-            settings.api_key
-            and request.headers.get("authorization") != f"Bearer {settings.api_key}"
-        ):
-            raise RequestError(
-                401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error"
-            )
+        """The API key checked, the body read within its byte limit and its deadline (no
+        slot is held meanwhile, so slow clients cannot lock others out), parsed as an
+        object."""
+        if not _authorized(request, settings.api_key):
+            raise _unauthorized()
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > settings.max_request_bytes:
             raise RequestError(
                 413, f"the request is over the {settings.max_request_bytes}-byte limit"
             )
-        body_bytes = bytearray()
-        async for chunk in request.stream():
-            body_bytes += chunk
-            if len(body_bytes) > settings.max_request_bytes:
-                raise RequestError(
-                    413, f"the request is over the {settings.max_request_bytes}-byte limit"
-                )
+        try:
+            async with asyncio.timeout(settings.read_timeout):
+                body_bytes = await collect_body(request)
+        except TimeoutError:
+            raise RequestError(
+                408, f"the request body did not arrive within {settings.read_timeout:g} s"
+            ) from None
         try:
             body = json.loads(body_bytes)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except ValueError as exc:  # also an integer too long to convert, a bad encoding
             raise RequestError(400, f"the body is not valid JSON ({exc})") from None
         if not isinstance(body, dict):
             raise RequestError(400, "the body must be a JSON object")
         return body
 
-    async def read_request(request: Request) -> ParsedRequest:
-        body = await read_json(request)
+    async def parse_request(body: dict, resolver: MediaResolver) -> ParsedRequest:
         sampling = parse_sampling(body, settings.max_tokens)
-        workdir = tempfile.TemporaryDirectory(prefix="omnivmed-serve-")
-        try:
-            resolver = MediaResolver(
-                settings.media_root, settings.max_media_bytes, Path(workdir.name)
-            )
-            messages, media = await run_in_threadpool(
-                parse_messages, body.get("messages"), resolver
-            )
-        except BaseException:
-            workdir.cleanup()
-            raise
+        messages, media = await run_in_threadpool(
+            parse_messages, body.get("messages"), resolver, limits
+        )
         return ParsedRequest(messages, media, sampling, bool(body.get("stream", False)),
-                             str(body.get("model") or settings.model_name), workdir)  # fmt: skip
+                             parse_model(body, settings.model_name))  # fmt: skip
+
+    def request_media(prefix: str) -> tuple[tempfile.TemporaryDirectory, MediaResolver]:
+        """A request's private folder for uploads and the resolver that writes there."""
+        workdir = tempfile.TemporaryDirectory(prefix=prefix)
+        resolver = MediaResolver(settings.media_root, settings.max_media_bytes, Path(workdir.name))
+        return workdir, resolver
+
+    def refusal(exc: Exception, resolver: MediaResolver):
+        """The error answer of a refused request, naming media as the client named them."""
+        if isinstance(exc, RequestError):
+            return _error(exc.status, resolver.public(exc.message), exc.code)
+        # Anything else a request can trigger is still its own fault.
+        return _error(400, resolver.public(f"the request could not be processed: {exc}"))
+
+    def after_refusal(resolver: MediaResolver) -> None:
+        """A refused request that got as far as its media may have left decoded arrays
+        in the allocator: hand them back, off the event loop."""
+        if resolver.names:
+            asyncio.get_running_loop().run_in_executor(None, release_memory)
+
+    async def read_or_refuse(request: Request):
+        """(body, None), or (None, the error answer)."""
+        try:
+            return await read_json(request), None
+        except RequestError as exc:
+            return None, _error(exc.status, exc.message, exc.code, close=exc.status == 408)
 
     @app.get("/")
     async def viewer():
@@ -147,71 +244,74 @@ def create_app(model, tokenizer, options, settings: ServeSettings):
         from .preview import preview
         from .requests import PART_KINDS
 
-        if in_flight["n"] >= settings.max_concurrent:
+        body, refused = await read_or_refuse(request)
+        if refused is not None:
+            return refused
+        if not slots.take():
             return busy()
-        in_flight["n"] += 1
-        workdir = tempfile.TemporaryDirectory(prefix="omnivmed-preview-")
+        workdir, resolver = request_media("omnivmed-preview-")
         try:
-            body = await read_json(request)
             if body.get("type") not in PART_KINDS:
                 raise RequestError(
                     400, f"expected {{'type': one of {sorted(PART_KINDS)}, 'url': ...}}"
                 )
             kind = PART_KINDS[body["type"]]
-            resolver = MediaResolver(
-                settings.media_root, settings.max_media_bytes, Path(workdir.name)
-            )
             path = await run_in_threadpool(resolver, kind, body.get("url"))
+            budgeted = BudgetedProcessor(processor, settings.max_request_pixels)
             try:
-                return await run_in_threadpool(preview, processor, Media(kind, path))
+                return await run_in_threadpool(preview, budgeted, Media(kind, path))
             except MediaError as exc:
                 raise RequestError(400, str(exc)) from None
-        except RequestError as exc:
-            return _error(exc.status, exc.message, exc.code)
-        except Exception as exc:  # whatever a request can trigger is its own fault
-            return _error(400, f"the request could not be processed: {exc}")
+        except Exception as exc:
+            after_refusal(resolver)
+            return refusal(exc, resolver)
         finally:
-            in_flight["n"] -= 1
+            slots.release()
             workdir.cleanup()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "in_flight": in_flight["n"], "batches": engine.batches}
+        return {"status": "ok", "in_flight": slots.n, "batches": engine.batches}
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request):
+        if not _authorized(request, settings.api_key):
+            exc = _unauthorized()
+            return _error(exc.status, exc.message, exc.code)
+        # What a request gets when it names no sampling settings: sampled answers.
+        defaults = {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P,
+                    "max_tokens": min(DEFAULT_MAX_TOKENS, settings.max_tokens)}  # fmt: skip
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model",
-                                            "owned_by": "omnivmed", "created": 0}]}  # fmt: skip
+                                            "owned_by": "omnivmed", "created": 0,
+                                            "defaults": defaults}]}  # fmt: skip
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        if in_flight["n"] >= settings.max_concurrent:
+        body, refused = await read_or_refuse(request)
+        if refused is not None:
+            return refused
+        # A slot is taken once the request is read, and freed when the engine is through
+        # with the job (or at once when the request never reaches it), so queued work
+        # counts against the limit too.
+        if not slots.take():
             return busy()
-        # The slot is freed when the engine is through with the job (or at once when the
-        # request never reaches it), so queued work counts against the limit too.
-        in_flight["n"] += 1
-        parsed, prepared = None, False
+        workdir, resolver = request_media("omnivmed-serve-")
+        prepared = False
         try:
-            parsed = await read_request(request)
+            parsed = await parse_request(body, resolver)
             ids, visual = await run_in_threadpool(prepare, parsed)
             prepared = True
-        except RequestError as exc:
-            return _error(exc.status, exc.message, exc.code)
-        except Exception as exc:  # anything else a request can trigger is still its own fault
-            return _error(400, f"the request could not be processed: {exc}")
+        except Exception as exc:
+            return refusal(exc, resolver)
         finally:
-            if parsed is not None and parsed.workdir is not None:
-                parsed.workdir.cleanup()  # media are read (or refused): the uploads can go
+            workdir.cleanup()  # media are read (or refused): the uploads can go
             if not prepared:  # refused, failed or cancelled: it never reaches the engine
-                in_flight["n"] -= 1
+                slots.release()
+                after_refusal(resolver)
+        del body
         events: asyncio.Queue = asyncio.Queue()
-
-        def release() -> None:
-            in_flight["n"] -= 1
-
-        job = Job(
-            ids, visual, parsed.sampling, asyncio.get_running_loop(), events, on_finish=release
-        )
+        job = Job(ids, visual, parsed.sampling, asyncio.get_running_loop(), events,
+                  on_finish=slots.release)  # fmt: skip
         engine.submit(job)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         visual_tokens = sum(visual.token_counts) if visual is not None else 0

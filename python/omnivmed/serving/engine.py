@@ -1,17 +1,20 @@
 """The generation engine: requests that arrive together are decoded together.
 
 Handlers prepare a request (media read and pruned once, the prompt tokenised) and submit
-it. One worker thread takes the oldest request, waits up to `max_wait_ms` for others
-with the same sampling group (temperature, top_p, seed), up to `max_batch_size`, and runs
-one `generate` call for them: prompts left-padded, visual inputs concatenated in order.
-A streamer routes every new token to its request (text deltas for streaming, stop
-strings, per-request token limits); a stopping criterion ends each row on its own.
+it. One worker thread takes the oldest request, waits up to `max_wait_ms` for others, up
+to `max_batch_size`, and runs one `generate` call for them: prompts left-padded, visual
+inputs concatenated in order. Each row is sampled on its own (its temperature and top_p,
+its own random generator seeded by its `seed`), so requests with any sampling settings
+share a batch and a seeded request gets the same text alone or batched. A streamer
+routes every new token to its request (text deltas for streaming, stop strings,
+per-request token limits); a stopping criterion ends each row on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import queue
+import secrets
 import threading
 import time
 from collections import deque
@@ -20,7 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from .requests import Sampling
@@ -115,6 +123,52 @@ class _Rows(BaseStreamer, StoppingCriteria):
         return torch.tensor([d is not None for d in self.done], device=input_ids.device)
 
 
+def draw(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """The index `[1]` of one token drawn from `logits` `[V]` at `temperature`, among the
+    smallest set of most likely tokens whose probability reaches `top_p`. One uniform
+    number per draw (inverse CDF), so a generator's k-th draw depends on nothing but its
+    seed and k. Stays on the logits' device (no synchronisation)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs, order = torch.sort(probs, descending=True, stable=True)
+    if top_p < 1.0:
+        probs = probs * ((torch.cumsum(probs, 0) - probs) < top_p)  # the first always stays
+    cdf = torch.cumsum(probs, 0)
+    u = torch.rand(1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[-1]
+    k = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.numel() - 1)
+    return order[k]
+
+
+class _RowSampler(LogitsProcessor):
+    """Sampling per row: a sampled row's scores become one finite entry, its own draw, so
+    the greedy step of `generate` takes it; greedy rows pass through unchanged."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
+        self.generators: list[torch.Generator | None] = [None] * len(jobs)
+
+    def _generator(self, i: int, device: torch.device) -> torch.Generator:
+        if self.generators[i] is None:
+            seed = self.jobs[i].sampling.seed
+            seed = secrets.randbits(63) if seed is None else seed
+            self.generators[i] = torch.Generator(device=device).manual_seed(seed)
+        return self.generators[i]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = scores
+        for i, job in enumerate(self.jobs):
+            s = job.sampling
+            if s.temperature <= 0:
+                continue
+            token = draw(scores[i], s.temperature, s.top_p, self._generator(i, scores.device))
+            if out is scores:
+                out = scores.clone()
+            out[i] = float("-inf")
+            out[i].index_fill_(0, token, 0.0)
+        return out
+
+
 class Engine:
     def __init__(self, model, tokenizer, max_batch_size: int = 8, max_wait_ms: float = 10.0):
         self.model, self.tokenizer = model, tokenizer
@@ -149,20 +203,14 @@ class Engine:
         while True:
             if not self.pending and not self._take(block=True):
                 return
-            first = self.pending[0]
             deadline = time.monotonic() + self.max_wait
-            while (
-                len([j for j in self.pending if j.sampling.group() == first.sampling.group()])
-                < self.max_batch_size
-            ):
+            while len(self.pending) < self.max_batch_size:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._take(block=True, timeout=left):
                     break
-            batch = [j for j in self.pending if j.sampling.group() == first.sampling.group()][
-                : self.max_batch_size
+            batch = [
+                self.pending.popleft() for _ in range(min(len(self.pending), self.max_batch_size))
             ]
-            for j in batch:
-                self.pending.remove(j)
             try:
                 self._generate(batch)
             except Exception as exc:  # a failed batch answers its requests, the server goes on
@@ -181,17 +229,14 @@ class Engine:
         visual_inputs = {
             k: v.to(self.device) for k, v in (concat_visual(visuals) if visuals else {}).items()
         }
-        s = batch[0].sampling
         rows = _Rows(batch, tok, self.eos_ids)
-        sample = s.temperature > 0
-        if s.seed is not None:
-            torch.manual_seed(s.seed)
+        # Greedy decoding over scores the row sampler has already decided for sampled rows.
         self.model.generate(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **visual_inputs,
-            max_new_tokens=max(j.sampling.max_tokens for j in batch), do_sample=sample,
-            temperature=s.temperature if sample else None, top_p=s.top_p if sample else None,
-            top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=list(self.eos_ids),
-            streamer=rows, stopping_criteria=StoppingCriteriaList([rows]),
+            max_new_tokens=max(j.sampling.max_tokens for j in batch), do_sample=False,
+            temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
+            eos_token_id=list(self.eos_ids), streamer=rows, stopping_criteria=StoppingCriteriaList([rows]),
+            logits_processor=LogitsProcessorList([_RowSampler(batch)]),
         )  # fmt: skip
         for i, j in enumerate(batch):
             if rows.done[i] != "stop":  # held-back text is final at the token limit too

@@ -10,9 +10,8 @@ import binascii
 import io
 import math
 import re
-import tempfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,13 @@ PART_KINDS = {
     "video_url": VisualKind.VIDEO,
     "volume_url": VisualKind.VOLUME,
 }
+# The temperature a request gets when it names none: OpenAI's, so a client that omits it
+# gets sampled (varying) answers; reproducible ones need temperature 0 or a seed.
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_MAX_TOKENS = 256  # or the server's limit, when lower
+# Seeds are signed 64-bit integers, as OpenAI's API and torch's generators take them.
+SEED_RANGE = (-(2**63), 2**63 - 1)
 _DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w=.+-]+)*;base64,(.*)$", re.DOTALL)
 MAX_ZIP_ENTRIES = 4096
 _SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/webp": ".webp",
@@ -48,10 +54,6 @@ class Sampling:
     stop: list[str]
     seed: int | None
 
-    def group(self) -> tuple:
-        """Requests that can share one generate call."""
-        return (self.temperature if self.temperature > 0 else 0.0, self.top_p, self.seed)
-
 
 @dataclass
 class ParsedRequest:
@@ -60,29 +62,44 @@ class ParsedRequest:
     sampling: Sampling
     stream: bool
     model: str
-    workdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """How many media parts one request, and one message of it, may hold."""
+
+    per_request: int
+    per_message: int
+
+
+def shown(value: Any, width: int = 40) -> str:
+    """A client's value for an error message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
     value = body.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(400, f"'{key}' must be a number, got {value!r}")
-    if not low <= value <= high:
-        raise RequestError(400, f"'{key}' must be in [{low}, {high}], got {value}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(400, f"'{key}' must be a number, got {shown(value)}")
+    # Compared before any float conversion: an integer too large for a float is out of range.
+    if not (low <= value <= high) or not math.isfinite(value):
+        raise RequestError(400, f"'{key}' must be in [{low}, {high}], got {shown(value)}")
     return float(value)
 
 
 def parse_sampling(body: dict, max_tokens_limit: int) -> Sampling:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
-        max_tokens = min(256, max_tokens_limit)
+        max_tokens = min(DEFAULT_MAX_TOKENS, max_tokens_limit)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise RequestError(400, f"'max_tokens' must be a positive integer, got {max_tokens!r}")
+        raise RequestError(400, f"'max_tokens' must be a positive integer, got {shown(max_tokens)}")
     if max_tokens > max_tokens_limit:
         raise RequestError(
-            400, f"'max_tokens' is {max_tokens}; this server allows at most {max_tokens_limit}"
+            400,
+            f"'max_tokens' is {shown(max_tokens)}; this server allows at most {max_tokens_limit}",
         )
     stop = body.get("stop") or []
     if isinstance(stop, str):
@@ -93,13 +110,34 @@ def parse_sampling(body: dict, max_tokens_limit: int) -> Sampling:
         or len(stop) > 4
     ):
         raise RequestError(400, "'stop' must be a string or a list of at most 4 non-empty strings")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError(400, f"'seed' must be an integer, got {seed!r}")
     if body.get("n", 1) != 1:
         raise RequestError(400, "'n' must be 1")
-    return Sampling(max_tokens, _number(body, "temperature", 1.0, 0.0, 2.0),
-                    _number(body, "top_p", 1.0, 1e-6, 1.0), stop, seed)  # fmt: skip
+    return Sampling(max_tokens, _number(body, "temperature", DEFAULT_TEMPERATURE, 0.0, 2.0),
+                    _number(body, "top_p", DEFAULT_TOP_P, 1e-6, 1.0), stop, _seed(body))  # fmt: skip
+
+
+def parse_model(body: dict, default: str) -> str:
+    """The model name to echo back: the request's (a short string) or the server's."""
+    name = body.get("model")
+    if name is None or name == "":
+        return default
+    if not isinstance(name, str) or len(name) > 256:
+        raise RequestError(
+            400, f"'model' must be a string of at most 256 characters, got {shown(name)}"
+        )
+    return name
+
+
+def _seed(body: dict) -> int | None:
+    seed = body.get("seed")
+    if seed is None:
+        return None
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+        raise RequestError(
+            400, f"'seed' must be an integer in [-2**63, 2**63 - 1], got {shown(seed)}"
+        )
+    return seed
 
 
 class MediaResolver:
@@ -111,6 +149,20 @@ class MediaResolver:
         self.max_bytes = max_bytes
         self.workdir = workdir
         self.count = 0
+        # Local path -> what the client may see of it: the path it sent, or which upload.
+        self.names: dict[str, str] = {}
+
+    def public(self, message: str) -> str:
+        """`message` with server-side paths (the temporary folder, the media root) replaced
+        by the names the client knows."""
+        for local in sorted(self.names, key=len, reverse=True):
+            message = message.replace(local, self.names[local])
+        message = message.replace(str(self.workdir), "<upload>")
+        if self.media_root is not None:
+            message = message.replace(f"{self.media_root}/", "").replace(
+                str(self.media_root), "<media root>"
+            )
+        return message
 
     def __call__(self, kind: VisualKind, url: Any) -> Path:
         if not isinstance(url, str) or not url:
@@ -118,21 +170,24 @@ class MediaResolver:
         if url.startswith("data:"):
             return self._data_url(kind, url)
         if re.match(r"^[a-z][a-z0-9+.-]*://", url) and not url.startswith("file://"):
-            raise RequestError(400, f"remote URLs are not fetched ({url.split('://')[0]}://...): send a data URL or a path under the media root")  # fmt: skip
+            raise RequestError(400, f"remote URLs are not fetched ({shown(url.split('://')[0])}://...): send a data URL or a path under the media root")  # fmt: skip
         if self.media_root is None:
             raise RequestError(400, "this server has no media root: send media as data URLs")
         relative = url.removeprefix("file://")
         path = (self.media_root / relative).resolve()
         if not path.is_relative_to(self.media_root):
-            raise RequestError(403, f"{url!r} is outside the media root")
+            raise RequestError(403, f"{shown(url, 80)} is outside the media root")
         if not path.exists():
-            raise RequestError(404, f"{url!r} does not exist under the media root")
+            raise RequestError(404, f"{shown(url, 80)} does not exist under the media root")
         if path.is_dir():  # a DICOM or frame folder: links inside it may not lead out either
             for inner in path.iterdir():
                 if not inner.resolve().is_relative_to(self.media_root):
                     raise RequestError(
-                        403, f"{url!r} holds {inner.name!r}, which points outside the media root"
+                        403,
+                        f"{shown(url, 80)} holds {shown(inner.name)}, which points outside "
+                        "the media root",
                     )
+        self.names[str(path)] = relative
         return path
 
     def _data_url(self, kind: VisualKind, url: str) -> Path:
@@ -152,11 +207,14 @@ class MediaResolver:
                    VisualKind.VOLUME: "application/"}[kind]  # fmt: skip
         if suffix is None or not mime.startswith(allowed):
             raise RequestError(
-                415, f"unsupported media type {mime!r} for a {kind.name.lower()} part"
+                415, f"unsupported media type {shown(mime)} for a {kind.name.lower()} part"
             )
         self.count += 1
-        if suffix == ".zip":
-            return self._dicom_zip(data)
+        path = self._dicom_zip(data) if suffix == ".zip" else self._write(data, suffix)
+        self.names[str(path)] = f"uploaded {kind.name.lower()} {self.count}"
+        return path
+
+    def _write(self, data: bytes, suffix: str) -> Path:
         path = self.workdir / f"part{self.count}{suffix}"
         path.write_bytes(data)
         return path
@@ -197,11 +255,31 @@ class MediaResolver:
         return folder
 
 
+def _media_parts(message: Any) -> int:
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return 0
+    return sum(isinstance(part, dict) and part.get("type") in PART_KINDS for part in content)
+
+
+def check_media_counts(raw: list, limits: MediaLimits) -> None:
+    """Refuse a request with too many media parts before any of them is read."""
+    counts = [_media_parts(m) for m in raw]
+    for i, n in enumerate(counts):
+        if n > limits.per_message:
+            raise RequestError(413, f"messages[{i}] has {n} media parts; this server allows "
+                                    f"{limits.per_message} per message")  # fmt: skip
+    if sum(counts) > limits.per_request:
+        raise RequestError(413, f"the request has {sum(counts)} media parts; this server "
+                                f"allows {limits.per_request}")  # fmt: skip
+
+
 def parse_messages(
-    raw: Any, resolve: MediaResolver
+    raw: Any, resolve: MediaResolver, limits: MediaLimits
 ) -> tuple[list[dict[str, str]], list[tuple[VisualKind, Path]]]:
     if not isinstance(raw, list) or not raw:
         raise RequestError(400, "'messages' must be a non-empty list")
+    check_media_counts(raw, limits)
     messages, media = [], []
     for i, m in enumerate(raw):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
@@ -228,7 +306,8 @@ def parse_messages(
                     pieces.append(_MARKER[kind])
                 else:
                     raise RequestError(
-                        400, f"messages[{i}].content[{j}]: unknown content part type {kind_name!r}"
+                        400,
+                        f"messages[{i}].content[{j}]: unknown content part type {shown(kind_name)}",
                     )
             text = "\n".join(pieces)
         else:
