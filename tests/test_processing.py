@@ -478,7 +478,7 @@ def test_packed_batch_keeps_samples_apart(tiny):
                               visual.token_counts, model.config.image_token)  # fmt: skip
         from omnivmed.processing.prompt import tokenize_conversation
 
-        ids, labels = tokenize_conversation(tok, msgs)
+        ids, labels = tokenize_conversation(tok, msgs, model.config.image_token)
         samples.append({"id": str(i), "input_ids": ids, "labels": labels, "visual": visual})
     batch = VisualCollator(tok.pad_token_id, packing=True)(samples)
     batch = {k: v for k, v in batch.items() if k not in ("ids", "num_skipped", "labels")}

@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--batch-size", type=int, default=8, help="records per generate call")
     run.add_argument("--limit", type=int, help="only the first N records")
     run.add_argument("--score", metavar="PROFILE", help="score the predictions afterwards")
+    run.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                     help="skip: leave out records whose media or prompt is bad (counted and "
+                     "named; scored as missing) instead of stopping")  # fmt: skip
     score = sub.add_parser("score", help="score predictions against references")
     score.add_argument("--references", required=True)
     score.add_argument("--predictions", required=True)
@@ -64,11 +67,14 @@ def main(argv: list[str] | None = None) -> int:
                     raise ValueError(
                         f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
                     )
-            predictions = run_benchmark(args.model, args.benchmark, args.out, data_root=args.data_root,
-                                        max_new_tokens=args.max_new_tokens, blank_visual=args.blank_visual,
-                                        device=args.device, limit=args.limit,
-                                        batch_size=args.batch_size)  # fmt: skip
+            result = run_benchmark(args.model, args.benchmark, args.out, data_root=args.data_root,
+                                   max_new_tokens=args.max_new_tokens, blank_visual=args.blank_visual,
+                                   device=args.device, limit=args.limit, batch_size=args.batch_size,
+                                   on_error=args.on_error)  # fmt: skip
+            predictions = result.predictions
             print(f"predictions: {predictions}")
+            print(f"answered {result.answered} records, skipped {len(result.skipped)}"
+                  + "".join(f"\n  skipped {s['id']}: {s['error']}" for s in result.skipped))  # fmt: skip
             if args.score:
                 summary = score_files(
                     args.benchmark, predictions, args.score, Path(args.out) / "scores"

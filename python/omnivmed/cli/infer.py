@@ -1,7 +1,7 @@
 """omnivmed-infer: answer questions about one image, volume (NIfTI, DICOM series folder,
 .npy) or video with a saved model.
 
-    omnivmed-infer runs/demo/stage3/final --volume ct_series/ -q "Which organ is shown?"
+    omnivmed-infer omnivmed-demo/stage3/final --volume ct_series/ -q "Which organ is shown?"
     omnivmed-infer MODEL --video clip.mp4 -q "What is shown?" -q "Is there bleeding?" --json
 
 Media are read with the processor settings saved next to the model (processor_config.json,
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..models.kinds import VisualKind
 from ..processing.errors import MediaError
+from ..processing.prompt import refuse_markers
 
 # Flags that override a saved media setting of the same name.
 _MEDIA_FLAGS = ("max_pixels", "min_pixels", "max_slices", "max_visual_tokens", "video_fps",
@@ -72,13 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     kind, path = next((k, p) for k, p in ((VisualKind.IMAGE, args.image), (VisualKind.VOLUME, args.volume),
                                           (VisualKind.VIDEO, args.video)) if p is not None)  # fmt: skip
     try:
+        for question in args.question:  # the medium comes from its flag, never from the text
+            refuse_markers(question, f"-q {question!r}")
         start = time.perf_counter()
         model, tokenizer, saved = load_for_inference(args.model, args.device, args.dtype)
         loaded = time.perf_counter() - start
         options = _options(args, saved)
         answers = answer_questions(model, tokenizer, kind, path, args.question, options,
                                    args.max_new_tokens)  # fmt: skip
-    except (FileNotFoundError, MediaError, ValueError) as exc:
+    except MediaError as exc:  # names the file; the flag says what it was given as
+        print(f"omnivmed-infer: --{kind.name.lower()} {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
         print(f"omnivmed-infer: {exc}", file=sys.stderr)
         return 2
     device = str(next(model.parameters()).device)

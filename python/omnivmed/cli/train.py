@@ -1,6 +1,6 @@
 """`omnivmed-train`: train one stage, a chain of stages, or (with no arguments) the demo.
 
-    omnivmed-train                                             # the demo, on CPU
+    omnivmed-train                                             # the demo, on CPU, into ./omnivmed-demo/
     omnivmed-train --config stage1.yaml --data train.json --output-dir runs/s1
     omnivmed-train --stages 1,2,3 --preset tiny --data-dir data/ --output-dir runs/x
     deepspeed --num_gpus 8 $(which omnivmed-train) --stages 1,2,3 ...
@@ -9,6 +9,9 @@
 With --stages, stage N reads <data-dir>/stageN.json (or .jsonl / .yaml mixture) and starts
 from stage N-1's exported model. Interrupted runs resume from their newest complete
 checkpoint (disable with --no-resume).
+
+The demo writes into --output-dir (default ./omnivmed-demo): its data in data/, each
+stage in stageN/ and the final model in stage3/final.
 """
 
 from __future__ import annotations
@@ -24,8 +27,19 @@ from pathlib import Path
 import yaml
 
 from ..configs import packaged_config
+from ..data.files import output_folder
 from ..training.checkpoint import CheckpointError
-from ..training.config import ConfigError, StageConfig, check_stage_order, load_stage_config
+from ..training.config import (
+    ConfigError,
+    StageConfig,
+    check_records,
+    check_stage_order,
+    load_stage_config,
+    yaml_problem,
+)
+from ..training.outputs import new_folders, remove_unused
+
+DEMO_OUTPUT = "omnivmed-demo"
 
 logger = logging.getLogger("omnivmed.train")
 
@@ -63,7 +77,7 @@ def plan_stages(args) -> list[StageConfig]:
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: not a YAML value ({exc})") from None
+            raise ConfigError(f"--set {key}: {yaml_problem(exc)}") from None
         if key.startswith("media."):  # one media setting, e.g. --set media.max_pixels=200704
             media[key.removeprefix("media.")] = parsed
         elif stages and key not in stages[0].allowed_keys:
@@ -86,6 +100,9 @@ def plan_stages(args) -> list[StageConfig]:
     if len(set(outputs)) != len(outputs):
         raise ConfigError(f"stages share an output_dir ({outputs}); give each stage its own")
     for cfg in stages:
+        output_folder(
+            cfg.output_dir, "--output-dir" if args.output_dir else f"stage {cfg.name!r}: output_dir"
+        )
         if not Path(cfg.data).is_file():
             raise ConfigError(f"stage {cfg.name!r}: data file {cfg.data!r} does not exist")
         if (
@@ -96,6 +113,8 @@ def plan_stages(args) -> list[StageConfig]:
             raise ConfigError(
                 f"stage {cfg.name!r}: init {cfg.init!r} is not a preset or a saved model directory"
             )
+    for cfg in stages:  # last: reads every record of every stage
+        check_records(cfg)
     return stages
 
 
@@ -155,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", choices=["omnivmed", "medmvl"], default="omnivmed")
     parser.add_argument("--preset", default="tiny", help="model preset the first stage starts from")
     parser.add_argument("--data-dir", help="with --stages: folder holding stageN.json")
-    parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--output-dir", default=None,
+                        help=f"where to write (the demo: ./{DEMO_OUTPUT}; --stages: runs/omnivmed; "
+                        "--config: each stage's output_dir, or <dir>/<config name>)")  # fmt: skip
     parser.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a setting of every stage"
     )
@@ -171,9 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    created: list[Path] = []
     try:
         if not args.config and not args.stages:
-            run_demo(Path(args.output_dir or "omnivmed-demo"))
+            demo_dir = output_folder(args.output_dir or DEMO_OUTPUT, "--output-dir")
+            created = new_folders([demo_dir])
+            run_demo(demo_dir)
             return 0
         if args.stages and not args.data_dir:
             raise ConfigError("--stages needs --data-dir")
@@ -184,11 +208,23 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(allow) - set(stages[0].allowed_keys)) if stages else []
         if unknown:
             raise ConfigError(f"--allow-changed: unknown settings {unknown}")
+        created = new_folders([cfg.output_dir for cfg in stages])
         run_stages(stages, resume=not args.no_resume, allow_changed=allow)
     except (ConfigError, FileNotFoundError, ValueError, CheckpointError, FloatingPointError) as exc:
+        _remove_unused(created)
         print(f"omnivmed-train: {exc}", file=sys.stderr)
         return 2
+    except BaseException:
+        _remove_unused(created)
+        raise
     return 0
+
+
+def _remove_unused(created: list[Path]) -> None:
+    """After a failed run, rank 0 removes the folders this run made that hold nothing
+    worth keeping (a later step's checkpoints and logs stay, for the resume)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        remove_unused(created)
 
 
 if __name__ == "__main__":

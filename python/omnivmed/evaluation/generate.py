@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,16 +83,39 @@ def _prepare(processor: OmniVMedProcessor, tokenizer, record: Record, blank_visu
     return ids, visual
 
 
+def _prepare_each(processor: OmniVMedProcessor, tokenizer, records: list[Record], blank_visual: bool,
+                  on_error: str) -> tuple[list[Record], list, list[dict[str, str]]]:  # fmt: skip
+    """(records kept, their prepared inputs, skipped {"id", "error"}): under
+    `on_error="skip"` a record whose media or prompt is bad is left out, not fatal."""
+    kept, prepared, skipped = [], [], []
+    for record in records:
+        try:
+            prepared.append(_prepare(processor, tokenizer, record, blank_visual))
+        except ValueError as exc:  # MediaError, ConversationError, a token limit
+            if on_error != "skip":
+                raise
+            skipped.append({"id": record.id, "error": str(exc)})
+            continue
+        kept.append(record)
+    return kept, prepared, skipped
+
+
 @torch.no_grad()
 def answer_records(model, tokenizer, processor: OmniVMedProcessor, records: list[Record],
-                   max_new_tokens: int, blank_visual: bool = False) -> list[dict[str, Any]]:  # fmt: skip
-    """Greedy answers to several records in one `generate` call: prompts left-padded,
-    every record's media read and pruned once, the visual inputs concatenated in order.
-    Each answer equals the one the record gets alone (tested)."""
+                   max_new_tokens: int, blank_visual: bool = False,
+                   on_error: str = "raise") -> tuple[list[dict[str, Any]], list[dict[str, str]]]:  # fmt: skip
+    """(predictions, skipped records): greedy answers to several records in one
+    `generate` call: prompts left-padded, every record's media read and pruned once, the
+    visual inputs concatenated in order. Each answer equals the one the record gets alone
+    (tested)."""
     from ..data.collator import concat_visual
 
     device = next(model.parameters()).device
-    prepared = [_prepare(processor, tokenizer, r, blank_visual) for r in records]
+    records, prepared, skipped = _prepare_each(
+        processor, tokenizer, records, blank_visual, on_error
+    )
+    if not records:
+        return [], skipped
     pad = tokenizer.pad_token_id
     input_ids, mask = left_pad([ids for ids, _ in prepared], pad)
     longest = input_ids.shape[1]
@@ -110,7 +134,14 @@ def answer_records(model, tokenizer, processor: OmniVMedProcessor, records: list
                      "visual_tokens": sum(visual.token_counts) if visual else 0,
                      "visual_tokens_unpruned": sum(visual.unpruned_counts) if visual else 0,
                      "seconds": seconds})  # fmt: skip
-    return rows
+    return rows, skipped
+
+
+@dataclass
+class BenchmarkRun:
+    predictions: Path  # the merged predictions file
+    answered: int  # records answered by this process in this run
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"id", "error"}, this process
 
 
 def _distributed() -> tuple[int, int]:
@@ -123,15 +154,20 @@ def _distributed() -> tuple[int, int]:
 def run_benchmark(model_dir: str | Path, benchmark: str | Path, out_dir: str | Path, *,
                   data_root: str | Path | None = None, max_new_tokens: int = 32,
                   blank_visual: bool = False, device: str = "auto", limit: int | None = None,
-                  batch_size: int = 8, progress: bool = True) -> Path:  # fmt: skip
+                  batch_size: int = 8, progress: bool = True, on_error: str = "raise") -> BenchmarkRun:  # fmt: skip
     """Answer every record of `benchmark` (JSONL/JSON instruction records with their
-    media); returns the merged predictions file."""
+    media) into a merged predictions file. `on_error="skip"`: a record whose media or
+    prompt is bad is left out (counted, named in the log; scoring counts it as missing)
+    instead of stopping the run; it is tried again when the run resumes."""
+    from ..data.files import output_folder
     from ..inference import load_for_inference
 
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    out_dir = output_folder(out_dir, "--out")
     rank, world = _distributed()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     records = load_records(benchmark, data_root)
+    out_dir.mkdir(parents=True, exist_ok=True)
     ids = [r.id for r in records]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -160,24 +196,34 @@ def run_benchmark(model_dir: str | Path, benchmark: str | Path, out_dir: str | P
                 )
         run_file.write_text(json.dumps(settings, indent=2) + "\n")
     # Ids answered by any earlier run of this folder count as done, whatever its world size.
+    # Every rank must read the same done ids (the shards are cut after them), so none
+    # appends before all have read.
+    if world > 1:
+        torch.distributed.barrier()
     part = out_dir / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.partial.jsonl")
     done = _done_ids(part)
     for other in _part_files(out_dir):
         if other != part:
             done |= _done_ids(other, repair=False)
+    if world > 1:
+        torch.distributed.barrier()
     todo = [r for r in records if r.id not in done][rank::world]
     bar = tqdm(total=len(todo), desc=f"eval rank {rank}", disable=not progress or rank != 0)
-    with part.open("a", encoding="utf-8") as f:
+    answered, skipped = 0, []
+    # The bar is closed (its line ended) before an error propagates, so the error's line
+    # starts a line of its own.
+    with bar, part.open("a", encoding="utf-8") as f:
         for b in range(0, len(todo), batch_size):
             chunk = todo[b : b + batch_size]
-            for row in answer_records(
-                model, tokenizer, processor, chunk, max_new_tokens, blank_visual
-            ):
+            rows, left_out = answer_records(
+                model, tokenizer, processor, chunk, max_new_tokens, blank_visual, on_error
+            )
+            answered, skipped = answered + len(rows), skipped + left_out
+            for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(chunk))
-    bar.close()
     if world > 1:
         torch.distributed.barrier()
     final = out_dir / "predictions.jsonl"
@@ -197,4 +243,4 @@ def run_benchmark(model_dir: str | Path, benchmark: str | Path, out_dir: str | P
         tmp.replace(final)
     if world > 1:
         torch.distributed.barrier()
-    return final
+    return BenchmarkRun(final, answered, skipped)

@@ -7,11 +7,13 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from .profiles import Profile, ScoringError, get_profile
+from .text import normalize
 
 logger = logging.getLogger(__name__)
 
@@ -21,26 +23,110 @@ EVAL_FIELDS = ("answer", "dataset", "split", "modality", "answer_type", "choices
                "answer_choice", "question_type", "language", "source_id")  # fmt: skip
 
 
-def read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-empty line; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
+# Bounds on what one file may ask of the scorer (docs/metrics.md, "Input limits"): a
+# line is read at most this far before it is refused, so one huge line costs neither the
+# memory nor the time of reading it; and a text field over the limit would make the
+# quadratic metrics (ROUGE-L's longest common subsequence) run for minutes.
+MAX_LINE_BYTES = 1 << 20
+MAX_TEXT_CHARS = 32_768
+_TEXT_FIELDS = ("prediction", "answer")
+
+
+def _lines(path: Path, what: str):
+    """(line number, decoded line) of a JSONL file, each line read at most
+    `MAX_LINE_BYTES` (+ its newline) far."""
+    if path.is_dir():
+        raise ScoringError(f"{what} file {path} is a folder; expected a JSONL file")
+    if not path.exists():
         raise ScoringError(f"{what} file {path} does not exist")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    if not path.is_file():
+        raise ScoringError(f"{what} file {path} is not a regular file")
+    with path.open("rb") as f:
+        number = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_LINE_BYTES and not (
+                len(raw) == MAX_LINE_BYTES + 1 and raw.endswith(b"\n")
+            ):
+                raise ScoringError(
+                    f"{path}:{number}: line longer than {MAX_LINE_BYTES} bytes, the limit for "
+                    "one record"
+                )
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ScoringError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ScoringError(f"{path}:{number}: expected a JSON object")
-            if not isinstance(row.get("id"), (str, int)) or isinstance(row.get("id"), bool):
-                raise ScoringError(f"{path}:{number}: field 'id' is missing or not a string")
-            rows.append((number, row))
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ScoringError(
+                    f"{path}:{number}: not UTF-8 text (byte {exc.start + 1} of the line)"
+                ) from None
+
+
+def read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-empty line; errors name the file and line. An
+    empty file, an over-long line or text field is an error."""
+    path = Path(path)
+    rows = []
+    for number, line in _lines(path, what):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:  # also a number too long to convert
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc).split(";")[0]
+            raise ScoringError(f"{path}:{number}: not valid JSON ({why})") from None
+        except RecursionError:
+            raise ScoringError(f"{path}:{number}: JSON nested too deeply") from None
+        if not isinstance(row, dict):
+            raise ScoringError(f"{path}:{number}: expected a JSON object")
+        if not isinstance(row.get("id"), (str, int)) or isinstance(row.get("id"), bool):
+            raise ScoringError(f"{path}:{number}: field 'id' is missing or not a string")
+        for name in _TEXT_FIELDS:
+            value = row.get(name)
+            if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+                raise ScoringError(
+                    f"{path}:{number}: field {name!r} holds {len(value)} characters, over the "
+                    f"limit of {MAX_TEXT_CHARS}"
+                )
+        rows.append((number, row))
+    if not rows:
+        raise ScoringError(f"{what} file {path} holds no records")
     return rows
+
+
+# "C", "(C)", "C.", "C. liver", "C: liver": an answer written as an option's letter.
+_LETTER_ANSWER = re.compile(r"^\s*\(?([A-Z])\)?(?:\s*[.:)](?:\s|$)|\s*$)")
+
+
+def check_choices(ref: dict, where: str) -> None:
+    """`choices` and `answer_choice` must agree with each other and with `answer`; a
+    reference that contradicts itself could never be scored right under any profile."""
+    choices, raw = ref.get("choices"), ref.get("answer_choice")
+    if choices is not None and (
+        not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices)
+    ):
+        raise ScoringError(f"{where}: field 'choices' must be a non-empty list of option texts")
+    if raw in (None, ""):
+        return
+    letters = [chr(ord("A") + i) for i in range(len(choices) if choices else 26)]
+    letter = str(raw).strip().strip("().").upper()
+    if letter not in letters:
+        raise ScoringError(
+            f"{where}: field 'answer_choice' must be one of {letters[0]}-{letters[-1]}"
+            f"{' (one per choice)' if choices else ''}, got {raw!r}"
+        )
+    answer = ref.get("answer")
+    if not choices or not isinstance(answer, str):
+        return
+    led = _LETTER_ANSWER.match(answer)
+    if led:
+        named = {led.group(1)}
+    else:
+        text = normalize(answer)
+        named = {letters[i] for i, c in enumerate(choices) if text and normalize(c) == text}
+    if named and letter not in named:
+        raise ScoringError(
+            f"{where}: field 'answer_choice' is {letter!r}, but the answer {answer!r} is option "
+            f"{'/'.join(sorted(named))}"
+        )
 
 
 def index_by_id(rows: list[tuple[int, dict]], path: Path) -> dict[str, tuple[int, dict]]:
@@ -64,7 +150,11 @@ def load_predictions(path: Path) -> dict[str, tuple[int, dict]]:
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _mean(values: list[float]) -> float:
@@ -133,9 +223,11 @@ def score_files(
                 f"{list(profile.metrics)}"
             )
     references, predictions = Path(references), Path(predictions)
+    out_dir = _output_folder(out_dir)
     refs = index_by_id(read_jsonl(references, "references"), references)
     preds = load_predictions(predictions)
     for number, ref in refs.values():
+        check_choices(ref, f"{references}:{number}")
         profile.check_reference(ref, f"{references}:{number}")
     profile.prepare([ref for _, ref in refs.values()])
     missing = [k for k in refs if k not in preds]
@@ -179,7 +271,6 @@ def score_files(
             "overall": base_overall,
             "by": base_by,
         }
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     with (out_dir / "samples.jsonl").open("w", encoding="utf-8") as f:
@@ -187,6 +278,16 @@ def score_files(
             f.write(json.dumps(s, ensure_ascii=False) + "\n")
     (out_dir / "report.md").write_text(report(summary))
     return summary
+
+
+def _output_folder(path: Path) -> Path:
+    """The output folder, checked before any work (never an existing file)."""
+    from ..data.files import UnsafePathError, output_folder
+
+    try:
+        return output_folder(path, "--out")
+    except UnsafePathError as exc:
+        raise ScoringError(str(exc)) from None
 
 
 def _version() -> str:

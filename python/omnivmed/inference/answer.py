@@ -11,6 +11,7 @@ import torch
 
 from ..models.kinds import VisualKind
 from ..processing.processor import Media, OmniVMedProcessor, ProcessorOptions
+from ..processing.prompt import refuse_markers
 from .prompting import prompt_ids
 
 _MARKER = {VisualKind.IMAGE: "<image>", VisualKind.VIDEO: "<video>", VisualKind.VOLUME: "<image3d>"}
@@ -65,9 +66,13 @@ def load_for_inference(
 def answer_questions(model, tokenizer, kind: VisualKind, path: str | Path, questions: Sequence[str],
                      options: ProcessorOptions | None = None, max_new_tokens: int = 48) -> list[Answer]:  # fmt: skip
     """Greedy answers to each question about one medium, read and pruned once, on the
-    model's device."""
+    model's device. A question may not hold a marker (`<image>`, ...): the medium is
+    `path`. Errors name the file or the question."""
+    for question in questions:
+        refuse_markers(question, f"question {question!r}")
     processor = OmniVMedProcessor(model.config, tokenizer, options)
-    visual = processor.encode_media([Media(kind, path)])  # as training read it
+    # As training reads it; errors name the file.
+    visual = processor.encode_media([Media(kind, path)])
     device = next(model.parameters()).device
     visual_inputs = {k: v.to(device) for k, v in visual.model_inputs().items()}
     model.eval()
@@ -76,7 +81,10 @@ def answer_questions(model, tokenizer, kind: VisualKind, path: str | Path, quest
         start = time.perf_counter()
         turn = [{"role": "user", "content": f"{_MARKER[kind]}\n{question}"}]
         ids = prompt_ids(tokenizer, turn, visual.token_counts, model.config.image_token)
-        processor.check_length(ids.numel(), visual.token_counts[0], "question")
+        try:
+            processor.check_length(ids.numel(), visual.token_counts[0])
+        except ValueError as exc:
+            raise ValueError(f"question {question!r}: {exc}") from None
         out = model.generate(input_ids=ids[None].to(device), attention_mask=torch.ones_like(ids)[None].to(device),
                              **visual_inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip

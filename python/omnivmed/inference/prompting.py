@@ -7,16 +7,17 @@ from collections.abc import Sequence
 
 import torch
 
-from ..processing.prompt import expand_markers
+from ..processing.prompt import expand_markers, tokenize_conversation
 
 
 def prompt_ids(tokenizer, messages: list[dict[str, str]], token_counts: Sequence[int], image_token: str,
-               sample_id: str = "?") -> torch.Tensor:  # fmt: skip
+               sample_id: str | None = None) -> torch.Tensor:  # fmt: skip
     """`[L]` ids of the chat (markers replaced by their visual placeholders), ending with
-    the template's generation prompt."""
+    the template's generation prompt. The messages' text never becomes special tokens:
+    only the template's own text and the placeholders do (as in training)."""
     chat = expand_markers(messages, list(token_counts), image_token, sample_id)
-    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    ids, _ = tokenize_conversation(tokenizer, chat, image_token, add_generation_prompt=True)
+    return ids
 
 
 def left_pad(prompts: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 from ..models.configuration import OmniVMedConfig
 from ..models.kinds import VisualKind
 from ..models.parts import ModelParts
-from .errors import MediaError
+from .errors import MediaError, sample_prefix
 from .intensity import to_encoder_input, to_unit_range
 from .options import PROCESSOR_CONFIG_NAME, ProcessorOptions
 from .prompt import expand_markers, to_messages, tokenize_conversation
@@ -146,7 +146,7 @@ class OmniVMedProcessor:
         return self.to_item(self.read(media))
 
     def encode_media(
-        self, media: list[Media], sample_id: str = "?", prune: bool | None = None
+        self, media: list[Media], sample_id: str | None = None, prune: bool | None = None
     ) -> VisualBatch:
         """Read, size and prune a sample's media so its visual tokens *after pruning* fit
         `max_visual_tokens`: over the cap, the pixel budget shrinks first (frames stay
@@ -176,8 +176,9 @@ class OmniVMedProcessor:
                 i for i, item in enumerate(items) if len(chosen[i]) > 1 and self._grows(item)
             ]
             if not thinnable:
+                where = sample_prefix(sample_id) or f"{', '.join(r.source for r in read)}: "
                 raise ValueError(
-                    f"sample {sample_id!r}: {total} visual tokens after pruning exceed "
+                    f"{where}{total} visual tokens after pruning exceed "
                     f"max_visual_tokens = {cap} even at min_pixels = {o.min_pixels} with "
                     f"{[len(c) for c in chosen]} frames per item; raise max_visual_tokens, "
                     f"lower min_pixels or give fewer media"
@@ -195,22 +196,22 @@ class OmniVMedProcessor:
         return count(f) > count(1)
 
     # ---- samples -----------------------------------------------------------------------
-    def __call__(self, conversations: list[dict], media: list[Media], sample_id: str = "?",
+    def __call__(self, conversations: list[dict], media: list[Media], sample_id: str | None = None,
                  prune: bool | None = None) -> dict[str, Any]:  # fmt: skip
         """-> {"input_ids", "labels", "visual": VisualBatch, "id"}."""
         messages = to_messages(conversations, sample_id)
         visual = self.encode_media(media, sample_id, prune)
         messages = expand_markers(messages, visual.token_counts, self.config.image_token, sample_id)
-        input_ids, labels = tokenize_conversation(self.tokenizer, messages)
+        input_ids, labels = tokenize_conversation(self.tokenizer, messages, self.config.image_token)
         self.check_length(len(input_ids), sum(visual.token_counts), sample_id)
         return {"id": sample_id, "input_ids": input_ids, "labels": labels, "visual": visual}
 
-    def check_length(self, tokens: int, visual: int, sample_id: str = "?") -> None:
+    def check_length(self, tokens: int, visual: int, sample_id: str | None = None) -> None:
         """A sequence over `max_sequence_length` is an error (skipped and counted under
         on_error=skip), never truncated."""
         limit = self.options.max_sequence_length
         if limit is not None and tokens > limit:
             raise ValueError(
-                f"sample {sample_id!r}: {tokens} tokens ({visual} visual) exceed "
+                f"{sample_prefix(sample_id)}{tokens} tokens ({visual} visual) exceed "
                 f"max_sequence_length = {limit}"
             )

@@ -376,17 +376,18 @@ def read_video(
                                   deadline=Deadline(path, max_seconds))  # fmt: skip
     path = Path(path)
     _require_file(path)
-    if path.stat().st_size == 0:
-        raise MediaError(path, "empty file")
+    _require_video_container(path)
     try:
         import decord
     except ImportError as exc:
         raise MediaError(path, "reading video files needs decord (pip install decord)") from exc
+    # decord's own messages name its C++ sources and internal calls, not the problem; they
+    # are never shown (the error names the file and what could not be done).
     try:
         reader = decord.VideoReader(str(path), num_threads=1)
         total, fps = len(reader), float(reader.get_avg_fps() or 25.0)
     except Exception as exc:  # decord raises DECORDError for corrupt containers
-        raise MediaError(path, f"not a readable video ({exc})") from exc
+        raise MediaError(path, "not a readable video (no video stream could be opened)") from exc
     if total == 0:
         raise MediaError(path, "video has no frames")
     try:
@@ -394,7 +395,10 @@ def read_video(
                                   start=start, end=end, max_frames=max_frames)  # fmt: skip
     except ValueError as exc:
         raise MediaError(path, str(exc)) from exc
-    height, width = reader[0].shape[:2]
+    try:
+        height, width = reader[0].shape[:2]
+    except Exception as exc:  # a stream ffmpeg opens but cannot decode (its text demuxer)
+        raise MediaError(path, "not a readable video (its first frame cannot be decoded)") from exc
     _check_size(path, (len(idx), height, width, 3), max_bytes)
     try:
         deadline, chunks = Deadline(path, max_seconds), []
@@ -405,8 +409,24 @@ def read_video(
     except MediaError:
         raise
     except Exception as exc:
-        raise MediaError(path, f"cannot decode frames ({exc})") from exc
+        raise MediaError(path, "cannot decode the video's frames (truncated or corrupt)") from exc
     return Video(frames, [i / fps for i in idx], str(path))
+
+
+def _require_video_container(path: Path) -> None:
+    """Refuse an empty file or a text file before decord sees it: ffmpeg opens any text
+    file as a one-frame 'video' (its tty demuxer) and then fails to decode it. Every video
+    container starts with binary header bytes."""
+    with path.open("rb") as f:
+        head = f.read(512)
+    if not head:
+        raise MediaError(path, "empty file")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # cut mid-character at 512 bytes: still text
+        text = head[: exc.start].decode("utf-8") if exc.start >= len(head) - 3 else None
+    if text is not None and all(c.isprintable() or c in "\t\n\r\f" for c in text):
+        raise MediaError(path, "a text file, not a video container (expected MP4, AVI, MKV, ...)")
 
 
 def _read_frame_images(

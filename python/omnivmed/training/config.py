@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,15 +182,25 @@ def model_setting_names() -> set[str]:
     return names - {"self", "kwargs", "config_overrides", "tokenizer", "text_config"}
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line report as one line: where (line, column) and what."""
+    mark = getattr(exc, "problem_mark", None)
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"not valid YAML ({where}{what})"
+
+
 def load_stage_config(path: str | Path, **overrides: Any) -> StageConfig:
     """Read and validate a stage YAML; `overrides` (e.g. from the command line) win."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"stage config {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start + 1})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: {yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings")
     raw.update({k: v for k, v in overrides.items() if v is not None})
@@ -209,6 +222,40 @@ def check_data(cfg: StageConfig) -> None:
         raise ConfigError(f"stage {cfg.name!r}: no data file given")
     if not Path(cfg.data).is_file():
         raise ConfigError(f"stage {cfg.name!r}: data file {cfg.data} does not exist")
+
+
+def check_records(cfg: StageConfig) -> None:
+    """The stage's data file, or every file of its mixture, read and every record checked
+    (not the media), so a bad record stops a run before a model, DeepSpeed or an output
+    folder is set up, and before an earlier stage trains. Under on_error=skip only what
+    fails a whole file remains an error here."""
+    from ..data.mixture import entry_records, read_spec
+    from ..data.records import load_records
+
+    check_data(cfg)
+    path = Path(cfg.data)
+    # Training reads the files again and reports skipped records then, once.
+    with _quiet("omnivmed.data"):
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                _, entries = read_spec(path)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: {yaml_problem(exc)}") from None
+            for k, entry in enumerate(entries):
+                entry_records(path, k, entry, cfg.on_error)
+        else:
+            load_records(path, cfg.data_root, cfg.on_error)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    log = logging.getLogger(logger_name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def check_stage_order(stages: list[StageConfig]) -> None:

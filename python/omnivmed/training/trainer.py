@@ -180,23 +180,32 @@ def build_dataset(cfg: StageConfig, model, tokenizer):
 
 
 class MetricsLog:
+    """metrics.jsonl and TensorBoard, both opened at the first record, so a run that fails
+    before its first step leaves no log files (and its folder can be removed)."""
+
     def __init__(self, out_dir: Path, stage: str, enabled: bool) -> None:
         self.enabled = enabled
         self.stage = stage
+        self.out_dir = out_dir
         self.path = out_dir / "metrics.jsonl"
         self.tb = None
-        if enabled:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self._opened = False
 
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:
-                logger.warning("tensorboard is not installed: metrics go to %s only", self.path)
+    def _open(self) -> None:
+        self._opened = True
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+        except ImportError:
+            logger.warning("tensorboard is not installed: metrics go to %s only", self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if not self._opened:
+            self._open()
         record = {"stage": self.stage, **record}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -326,83 +335,85 @@ def _train_stage(cfg, resume, stop_after_steps, allow_changed, rank, world) -> P
     metrics = MetricsLog(out_dir, cfg.name, rank == 0)
     out_dir.mkdir(parents=True, exist_ok=True)
     samples_log = out_dir / f"samples_rank{rank}.jsonl"
-    bar = tqdm(
+    # Closed (its line ended) before an error propagates, so the error starts a line.
+    with tqdm(
         total=total_steps, initial=step, desc=f"{cfg.name}", disable=rank != 0, dynamic_ncols=True
-    )
-    run_steps, window_loss, window_tokens, window_skipped, t0 = 0, [], 0, 0, time.perf_counter()
-    engine.train()
-    done = step >= total_steps
-    while not done:
-        for indices in sampler.batches(cfg.micro_batch_size):
-            batch = collate([dataset[i] for i in indices])
-            window_skipped += batch.pop("num_skipped")
-            kept_ids = batch.pop("ids")
-            if not _all_ranks_agree("input_ids" in batch):
-                # Every rank skips this micro-batch together, so they stay in lockstep; what
-                # this rank held is counted as skipped, never dropped silently.
-                window_skipped += len(kept_ids)
-                continue
-            seen_samples.extend(kept_ids)
-            window_tokens += (
-                int(batch["attention_mask"].sum())
-                if "attention_mask" in batch
-                else batch["input_ids"].numel()
-            )
-            batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            loss = engine(**batch, use_cache=False).loss
-            if not _all_ranks_agree(bool(torch.isfinite(loss.detach()))):
-                raise FloatingPointError(
-                    f"stage {cfg.name!r}: the loss is not finite at step {step + 1} (samples "
-                    f"{kept_ids} on rank {rank}, or on another rank); stopping before the update. "
-                    f"Lower lr (now {cfg.lr:g}) or check those samples; the last checkpoint is intact"
+    ) as bar:
+        run_steps, window_loss, window_tokens, window_skipped, t0 = 0, [], 0, 0, time.perf_counter()
+        engine.train()
+        done = step >= total_steps
+        while not done:
+            for indices in sampler.batches(cfg.micro_batch_size):
+                batch = collate([dataset[i] for i in indices])
+                window_skipped += batch.pop("num_skipped")
+                kept_ids = batch.pop("ids")
+                if not _all_ranks_agree("input_ids" in batch):
+                    # Every rank skips this micro-batch together, so they stay in lockstep; what
+                    # this rank held is counted as skipped, never dropped silently.
+                    window_skipped += len(kept_ids)
+                    continue
+                seen_samples.extend(kept_ids)
+                window_tokens += (
+                    int(batch["attention_mask"].sum())
+                    if "attention_mask" in batch
+                    else batch["input_ids"].numel()
                 )
-            engine.backward(loss)
-            # Asked before step(): DeepSpeed advances its micro-step counter inside step().
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            window_loss.append(float(loss.detach()))
-            if not boundary:
-                continue
-            grad_norm = engine.get_global_grad_norm()
-            if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                raise FloatingPointError(
-                    f"stage {cfg.name!r}: the gradient norm is {float(grad_norm)} at step "
-                    f"{step + 1}; stopping, nothing exported (the last checkpoint is intact)"
+                batch = {
+                    k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()
+                }
+                loss = engine(**batch, use_cache=False).loss
+                if not _all_ranks_agree(bool(torch.isfinite(loss.detach()))):
+                    raise FloatingPointError(
+                        f"stage {cfg.name!r}: the loss is not finite at step {step + 1} (samples "
+                        f"{kept_ids} on rank {rank}, or on another rank); stopping before the update. "
+                        f"Lower lr (now {cfg.lr:g}) or check those samples; the last checkpoint is intact"
+                    )
+                engine.backward(loss)
+                # Asked before step(): DeepSpeed advances its micro-step counter inside step().
+                boundary = engine.is_gradient_accumulation_boundary()
+                engine.step()
+                window_loss.append(float(loss.detach()))
+                if not boundary:
+                    continue
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                    raise FloatingPointError(
+                        f"stage {cfg.name!r}: the gradient norm is {float(grad_norm)} at step "
+                        f"{step + 1}; stopping, nothing exported (the last checkpoint is intact)"
+                    )
+                step += 1
+                run_steps += 1
+                # The samples behind this optimizer step, per rank: resumes append, and the last
+                # record of each step is what the model saw.
+                with samples_log.open("a") as f:
+                    f.write(json.dumps({"step": step, "samples": seen_samples}) + "\n")
+                seen_samples = []
+                elapsed = time.perf_counter() - t0
+                record = {"step": step, "loss": float(np.mean(window_loss)), "lr": schedule.get_last_lr()[0],
+                          "tokens_per_s": window_tokens * world / max(elapsed, 1e-9), "skipped": window_skipped,
+                          "step_seconds": elapsed}  # fmt: skip
+                metrics.write(record)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}",
+                    lr=f"{record['lr']:.2e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
                 )
-            step += 1
-            run_steps += 1
-            # The samples behind this optimizer step, per rank: resumes append, and the last
-            # record of each step is what the model saw.
-            with samples_log.open("a") as f:
-                f.write(json.dumps({"step": step, "samples": seen_samples}) + "\n")
-            seen_samples = []
-            elapsed = time.perf_counter() - t0
-            record = {"step": step, "loss": float(np.mean(window_loss)), "lr": schedule.get_last_lr()[0],
-                      "tokens_per_s": window_tokens * world / max(elapsed, 1e-9), "skipped": window_skipped,
-                      "step_seconds": elapsed}  # fmt: skip
-            metrics.write(record)
-            bar.set_postfix(
-                loss=f"{record['loss']:.4f}",
-                lr=f"{record['lr']:.2e}",
-                tok_s=f"{record['tokens_per_s']:.0f}",
-            )
-            bar.update(1)
-            window_loss, window_tokens, window_skipped, t0 = [], 0, 0, time.perf_counter()
-            if (cfg.save_every and step % cfg.save_every == 0) or (
-                step == total_steps and cfg.checkpoint_at_end
-            ):
-                save_checkpoint(engine, ckpt_root, step,
-                                {"step": step, "stage": cfg.name, "sampler": sampler.state_dict(),
-                                 "settings": resume_settings(cfg)},
-                                cfg.keep_last, rank, run)  # fmt: skip
-            if step >= total_steps or (
-                stop_after_steps is not None and run_steps >= stop_after_steps
-            ):
-                done = True
-                break
-        else:
-            sampler.next_epoch()
-    bar.close()
+                bar.update(1)
+                window_loss, window_tokens, window_skipped, t0 = [], 0, 0, time.perf_counter()
+                if (cfg.save_every and step % cfg.save_every == 0) or (
+                    step == total_steps and cfg.checkpoint_at_end
+                ):
+                    save_checkpoint(engine, ckpt_root, step,
+                                    {"step": step, "stage": cfg.name, "sampler": sampler.state_dict(),
+                                     "settings": resume_settings(cfg)},
+                                    cfg.keep_last, rank, run)  # fmt: skip
+                if step >= total_steps or (
+                    stop_after_steps is not None and run_steps >= stop_after_steps
+                ):
+                    done = True
+                    break
+            else:
+                sampler.next_epoch()
     metrics.close()
     final = out_dir / "final"
     write_fingerprint(engine, out_dir / f"fingerprint_rank{rank}.json", cfg.zero_stage, step)
