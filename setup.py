@@ -110,6 +110,17 @@ def make_header_shim(toolkit: Path) -> Path | None:
     return shim
 
 
+def openmp_flags() -> list[str]:
+    """-fopenmp where torch runs its CPU work on OpenMP. at::parallel_for is a header
+    template whose `#pragma omp parallel` is compiled into the extension: without the flag
+    every CPU kernel of ours ran on one thread whatever torch.get_num_threads() said."""
+    import torch
+
+    if sys.platform.startswith("linux") and torch._C.has_openmp:
+        return ["-fopenmp"]
+    return []
+
+
 def parse_arch_list(spec: str) -> tuple[list[str], list[str]]:
     """'8.0;9.0+PTX' -> (-gencode flags, normalised names)."""
     flags, names = [], []
@@ -182,7 +193,7 @@ def extension_modules() -> tuple[list, dict]:
     sources = sorted(
         str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp") if "tests" not in p.parts
     )
-    cxx_flags = ["-O3"]
+    cxx_flags = ["-O3", *openmp_flags()]
     define_macros = []
     include_dirs = [str(ROOT / "csrc")]
     arch_names: list[str] = []
@@ -214,6 +225,7 @@ def extension_modules() -> tuple[list, dict]:
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=openmp_flags(),
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
