@@ -1,0 +1,5 @@
+# The --data-root default of every command that reads data files (data.records.default_data_root).
+DATA_ROOT_HELP = (
+    "media paths resolve here (default: the data root recorded in the "
+    "FILE.summary.json that convert or mix wrote beside the file, else its folder)"
+)

@@ -23,10 +23,7 @@ from pathlib import Path
 
 import yaml
 
-DATA_ROOT_HELP = (
-    "media paths resolve here (default: the data root recorded in the "
-    "FILE.summary.json that convert or mix wrote beside the file, else its folder)"
-)
+from . import DATA_ROOT_HELP
 
 
 def _media_settings(args):

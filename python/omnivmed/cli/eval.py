@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+from . import DATA_ROOT_HELP
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="answer every question of a benchmark")
     run.add_argument("model", help="a folder exported by omnivmed-train")
     run.add_argument("--benchmark", required=True, help="JSONL/JSON reference records")
-    run.add_argument("--data-root", help="media paths resolve here (default: the file's folder)")
+    run.add_argument("--data-root", help=DATA_ROOT_HELP)
     run.add_argument("--out", required=True)
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.add_argument("--blank-visual", action="store_true",

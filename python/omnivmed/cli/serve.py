@@ -1,6 +1,6 @@
 """omnivmed-serve: an OpenAI-compatible server for a saved model.
 
-    OMNIVMED_API_KEY=KEY omnivmed-serve runs/demo/stage3/final --port 8000 --media-root /data/scans
+    OMNIVMED_API_KEY=KEY omnivmed-serve omnivmed-demo/stage3/final --port 8000 --media-root /data/scans
 
 Then any OpenAI client: base_url http://HOST:PORT/v1. Content parts: `image_url`,
 `video_url` and `volume_url` (a NIfTI file or a DICOM folder under --media-root, or a
