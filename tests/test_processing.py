@@ -325,8 +325,9 @@ def test_records_dataset_and_collator(tiny, data_root):
     assert records[1].media[2][2] == {"ct_window": "lung"}
     proc = OmniVMedProcessor(model.config, tok, ProcessorOptions(max_pixels=64 * 64, max_slices=8))
     strict = InstructionDataset(records, proc)
-    with pytest.raises(SampleError, match=r"sample 'broken'.*missing\.png.*file not found"):
+    with pytest.raises(SampleError, match=r"sample 'broken'.*missing\.png.*file not found") as err:
         strict[2]
+    assert str(err.value).count("sample 'broken'") == 1  # named once, with its index
     lenient = InstructionDataset(records, proc, on_error="skip")
     samples = [lenient[i] for i in range(3)]
     assert samples[2] is None

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from ..processing.errors import MediaError
+from ..processing.errors import MediaError, sample_prefix
 from ..processing.processor import Media, OmniVMedProcessor
 from ..processing.prompt import ConversationError
 from .records import Record, load_records
@@ -47,6 +47,8 @@ class InstructionDataset(Dataset):
             return self.processor(record.conversations, media, record.id, prune=self.prune)
         except (MediaError, ConversationError, ValueError) as exc:
             if self.on_error == "raise":
-                raise SampleError(f"sample {record.id!r} (index {index}): {exc}") from exc
+                # The processor's errors already name the sample: name it once, with its index.
+                message = str(exc).removeprefix(sample_prefix(record.id))
+                raise SampleError(f"sample {record.id!r} (index {index}): {message}") from exc
             logger.warning("skipping sample %r: %s", record.id, exc)
             return None
