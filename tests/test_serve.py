@@ -25,22 +25,13 @@ from PIL import Image
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+from media_bytes import data_url, png_bytes  # noqa: E402
+
 from omnivmed.models import build_preset  # noqa: E402
 from omnivmed.processing.processor import ProcessorOptions  # noqa: E402
 from omnivmed.serving.app import ServeSettings, create_app  # noqa: E402
 
 KEY = "test-key"
-
-
-def png_bytes(seed=0, size=40) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def data_url(mime: str, data: bytes) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 @pytest.fixture(scope="module")

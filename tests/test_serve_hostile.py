@@ -5,8 +5,6 @@ seeded sampling that gives the same text alone, repeated and batched."""
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import socket
 import subprocess
@@ -21,10 +19,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+
+from media_bytes import data_url, png_bytes
 
 from omnivmed.cli.serve import API_KEY_ENV, main, resolve_api_key
 from omnivmed.models import build_preset
@@ -35,17 +34,6 @@ MAX_CONCURRENT = 4
 READ_TIMEOUT = 3
 # The test volume decodes to 8 slices of 32 x 32 = 8192 pixels: two fit, three do not.
 MAX_REQUEST_PIXELS = 20_000
-
-
-def png_bytes(seed: int = 0, size: int = 40) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def data_url(mime: str, data: bytes) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def save_model(folder: Path) -> None:
