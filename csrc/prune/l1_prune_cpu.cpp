@@ -214,11 +214,11 @@ void mark_units(const char* unit_keep, const int64_t* origin, const Geometry& g,
   *count = kept;
 }
 
-// The distance pass walks chains: one item's frames, in order, over one row of units. The
-// strip a chain reads for frame f (a row of patches: 75 KB at 32 patches of 588 fp32) is
-// still in cache when frame f + 1 compares with it, so every input value comes from memory
-// once; reading whole frames as "current" and again as "previous" streamed the input twice.
-// Chains are independent, which also spreads one long item over every thread.
+// The distance pass walks chains: one item's frames, in order, over one strip of unit rows.
+// The strip a chain reads for frame f is still in cache when frame f + 1 compares with it,
+// so every input value comes from memory once; reading whole frames as "current" and again
+// as "previous" streamed the input twice. Chains are independent, which also spreads one
+// long item over every thread.
 struct Chains {
   int64_t items, strips, units_per_strip, units;
   int64_t count() const { return items * strips; }
@@ -245,6 +245,18 @@ Chains make_chains(const std::vector<int64_t>& cu, const Geometry& g, int64_t el
   return c;
 }
 
+// Asks for a unit's bytes in the chain's next frame while this frame's are summed: a chain
+// jumps a frame ahead at the end of every strip, and the hardware prefetcher would find
+// the new stream only after its first misses.
+template <typename scalar_t>
+inline void prefetch_unit(const scalar_t* frame, int64_t origin, const Geometry& g) {
+  const int64_t bytes = g.unit * g.values * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t eh = 0; eh < g.unit; ++eh) {
+    const char* row = reinterpret_cast<const char*>(frame + (origin + eh * g.grid_w) * g.values);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
+  }
+}
+
 // Mode "previous": sums[f * units + u] for every frame that is not an item's first.
 template <typename scalar_t>
 void previous_sums(const scalar_t* x, const std::vector<int64_t>& cu, const Geometry& g,
@@ -255,7 +267,9 @@ void previous_sums(const scalar_t* x, const std::vector<int64_t>& cu, const Geom
     for (int64_t c = begin; c < end; ++c) {
       const int64_t b = c / chains.strips;
       for (int64_t f = cu[b] + 1; f < cu[b + 1]; ++f) {
+        const bool ahead = f + 1 < cu[b + 1];
         for (int64_t u = chains.first_unit(c); u < chains.end_unit(c); ++u) {
+          if (ahead) prefetch_unit(x + (f + 1) * frame_stride, origin[u], g);
           sums[f * g.units + u] =
               unit_sum<scalar_t>(x + f * frame_stride, x + (f - 1) * frame_stride, origin[u], g);
         }
