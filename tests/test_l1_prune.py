@@ -115,6 +115,21 @@ def test_matches_reference(device, dtype, mode, unit, grid, min_keep):
     assert 0 < result.index.numel() < patches.shape[0] * patches.shape[1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+@pytest.mark.parametrize("mode", ["previous", "last_kept"])
+@pytest.mark.parametrize("unit", [1, 2])
+def test_frames_larger_than_a_strip_match_reference(dtype, mode, unit):
+    """Frames whose patch rows do not fit one cache-sized strip are cut into several
+    (the last one shorter); every strip of every frame must still match the reference."""
+    grid = (70, 4)  # 70 patch rows of 4 patches x 301 values: two strips in fp32
+    patches, cu = make_items([5, 1, 4], grid, 301, dtype, "cpu")
+    threshold = threshold_for(dtype)
+    expected = l1_prune_reference(patches, cu, grid, threshold, mode, unit)
+    result = omnivmed_ext.l1_prune(patches, cu, grid, threshold, mode, unit)
+    assert_same_result(result, expected)
+    assert 0 < result.index.numel() < patches.shape[0] * patches.shape[1]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
 @pytest.mark.parametrize("mode", ["previous", "last_kept"])
