@@ -3,12 +3,15 @@
 1. tower: the vision tower alone (SigLIP so400m shape, 27 layers), forward + backward on
    the MNI152 template's 32 slices at the 448x448 budget, pruned at 0.1 vs unpruned.
 2. train: stage 3 on the demo mixture (images, the MNI volume, the CT series, the
-   endoscopy videos) at the 1.5B shape and the presets' media settings, pruning on vs off:
-   samples/s, volumes+videos/s, LLM tokens/s and model FLOPs utilisation (6 x LLM
-   parameters x LLM tokens per second, against a bf16 matmul measured in the same run).
-3. memory: peak memory per GPU of stage 3 at the 1.5B shape (ZeRO-2, everything trained,
-   gradient checkpointing on and off, the optimizer offloaded), and the per-GPU peak for
-   8 GPUs computed from the measured parts (see `per_gpu_for`).
+   endoscopy videos) at the 1.5B shape and the presets' media settings: pruning on, off,
+   and the step as it was before the DataLoader, packing, varlen LLM attention and fused
+   cross-entropy (pruning on): samples/s, volumes+videos/s, text, visual and tower
+   tokens/s, the fraction of step time spent waiting for data, peak memory, and `..._mfu`:
+   model FLOPs (6 x parameters x tokens, LLM and tower) over 989 TFLOP/s.
+3. memory: peak memory of stage 3 at the 1.5B shape, world size 1 (ZeRO-2, everything
+   trained, gradient checkpointing on and off, the optimizer offloaded, the plain loss
+   instead of the fused one), and the per-GPU peak for 8 GPUs computed from the measured
+   parts (`per_gpu_peak_gb_8_gpus`, see `per_gpu_for`).
 4. l1_prune: bench_l1_prune's inputs (quick set).
 5. infer: latency of one question about an image, a volume and a video, pruning on and
    off, for a saved tiny model and for the 1.5B shape (random weights).
@@ -117,29 +120,82 @@ def matmul_peak_tflops(device, dtype) -> float:
     return 2 * n**3 / ms / 1e9
 
 
+# Dense bf16 peak of an H100/H200 (the 1979 figure assumes sparsity): MFU is counted against it.
+PEAK_TFLOPS = 989.0
+
+
+def param_counts(preset: str) -> dict[str, int]:
+    with torch.device("meta"):
+        shape_model, _ = build_preset(preset)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {"llm": count(shape_model.language_model), "tower": count(shape_model.vision_tower),
+            "all": count(shape_model)}  # fmt: skip
+
+
+def model_mfu(row: dict, params: dict[str, int]) -> float:
+    """Model FLOPs (6 x parameters x tokens, forward and backward, for the LLM and the
+    vision tower; attention's own FLOPs left out) per second over PEAK_TFLOPS."""
+    flops = 6 * (
+        params["llm"] * row["llm_tokens_per_s"] + params["tower"] * row["tower_tokens_per_s"]
+    )
+    return flops / (PEAK_TFLOPS * 1e12)
+
+
+@contextlib.contextmanager
+def before_changes():
+    """The training step as it was before the DataLoader, packing, varlen LLM attention
+    and fused cross-entropy (the stage settings for the first two are passed by the caller)."""
+    from unittest import mock
+
+    from omnivmed.models.loss import fused_cross_entropy
+
+    with mock.patch("omnivmed.models.modeling.default_llm_attention", lambda: "sdpa"), \
+            fused_cross_entropy(False):  # fmt: skip
+        yield
+
+
+def train_workers(device: torch.device) -> int:
+    import os
+
+    return 2 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 4) - 4))
+
+
 def bench_train(cfg: dict, data: Path, out: Path) -> dict:
+    """Stage 3 with this package's training step, pruning on then off, then the step as it
+    was before (no workers, padded rows, SDPA, plain loss) with pruning on: the most
+    important numbers first, so a cut run still has them."""
     from bench_train import run
 
-    with torch.device("meta"):
-        shape_model, _ = build_preset(cfg["preset"])
-    llm_params = sum(p.numel() for p in shape_model.language_model.parameters())
-    peak = matmul_peak_tflops(cfg["device"], cfg["dtype"])
-    rows = {}
+    params = param_counts(cfg["preset"])
+    workers = train_workers(cfg["device"])
+    variants = [("pruning_on", True, dict(num_workers=workers), contextlib.nullcontext),
+                ("pruning_off", False, dict(num_workers=workers), contextlib.nullcontext),
+                ("before_pruning_on", True, dict(num_workers=0, packing=False), before_changes)]  # fmt: skip
+    result: dict = {"peak_tflops": PEAK_TFLOPS, "params": params, "num_workers": workers}
     with tempfile.TemporaryDirectory() as tmp:
-        for prune in (False, True):
-            r = run(
-                data,
-                Path(tmp) / f"p{prune}",
-                prune,
-                cfg["steps"],
-                cfg["media"],
-                init=f"preset:{cfg['preset']}",
-            )
-            r["mfu_llm"] = 6 * llm_params * r["text_tokens_per_s"] / (peak * 1e12)
-            rows["on" if prune else "off"] = r
-    return {"matmul_peak_tflops": peak, "llm_params": llm_params, "pruning_off": rows["off"],
-            "pruning_on": rows["on"],
-            "speedup_volumes_videos": rows["on"]["volumes_videos_per_s"] / rows["off"]["volumes_videos_per_s"]}  # fmt: skip
+        for name, prune, overrides, context in variants:
+            try:  # one variant's failure must not cost the others' numbers
+                with context():
+                    row = run(data, Path(tmp) / name, prune, cfg["steps"], cfg["media"],
+                              init=f"preset:{cfg['preset']}", **overrides)  # fmt: skip
+            except Exception as exc:
+                (out / f"train_{name}_error.log").write_text(traceback.format_exc())
+                result[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                continue
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            row["mfu"] = model_mfu(row, params)
+            result[name] = row
+            result[f"{name}_mfu"] = row["mfu"]
+            (out / "train_partial.json").write_text(json.dumps(result, indent=2, default=str))
+    on, off, before = result["pruning_on"], result["pruning_off"], result["before_pruning_on"]
+    if "error" not in on and "error" not in off:
+        result["speedup_volumes_videos"] = on["volumes_videos_per_s"] / off["volumes_videos_per_s"]
+    if "error" not in on and "error" not in before:
+        result["speedup_samples_vs_before"] = on["samples_per_s"] / before["samples_per_s"]
+    result["matmul_peak_tflops"] = matmul_peak_tflops(cfg["device"], cfg["dtype"])
+    return result
 
 
 def per_gpu_for(world: int, peak_mib: float, params: int) -> float:
@@ -151,18 +207,36 @@ def per_gpu_for(world: int, peak_mib: float, params: int) -> float:
 
 
 def bench_memory(cfg: dict, data: Path, out: Path) -> dict:
-    from bench_train import memory
+    """Peak memory of stage 3 at world size 1 (ZeRO-2, everything trained): checkpointing
+    on and off, the optimizer offloaded, and the plain loss instead of the fused one; the
+    per-GPU peak for 8 GPUs from each measured peak."""
+    from bench_train import run
 
-    with torch.device("meta"):
-        shape_model, _ = build_preset(cfg["preset"])
-    params = sum(p.numel() for p in shape_model.parameters())
+    from omnivmed.models.loss import fused_cross_entropy
+
+    params = param_counts(cfg["preset"])["all"]
+    variants = [(True, False, True), (False, False, True), (True, True, True), (True, False, False)]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows = memory(cfg["preset"], 3, data, Path(tmp), cfg["media"], offload=True)
-    for r in rows:
-        r["per_gpu_8_mib"] = (
-            per_gpu_for(8, r["peak_memory_mib"], params) if not r["offload"] else None
-        )
-    return {"params": params, "rows": rows}
+        for ckpt, offload, fused in variants:
+            try:  # one variant's failure (out of memory) must not cost the others' numbers
+                with fused_cross_entropy(fused):
+                    row = run(data, Path(tmp) / f"m{ckpt}{offload}{fused}", True, 3, cfg["media"],
+                              init=f"preset:{cfg['preset']}", gradient_checkpointing=ckpt, zero_stage=2,
+                              offload=offload, num_workers=train_workers(cfg["device"]))  # fmt: skip
+            except Exception as exc:
+                row = {"error": f"{type(exc).__name__}: {exc}", "peak_memory_mib": float("nan")}
+            row.update(gradient_checkpointing=ckpt, offload=offload, fused_cross_entropy=fused,
+                       peak_gb=row["peak_memory_mib"] * 2**20 / 1e9)  # fmt: skip
+            if not offload and "error" not in row:
+                eight = per_gpu_for(8, row["peak_memory_mib"], params)
+                row["per_gpu_peak_gb_8_gpus"] = eight * 2**20 / 1e9
+            rows.append(row)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    best = rows[0]  # checkpointing on, fused loss, no offload
+    return {"params": params, "rows": rows, "world_size_1_peak_gb": best["peak_gb"],
+            "per_gpu_peak_gb_8_gpus": best.get("per_gpu_peak_gb_8_gpus")}  # fmt: skip
 
 
 # ---- 4. l1_prune ---------------------------------------------------------------------------
@@ -269,6 +343,38 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
+def train_summary(train: dict) -> list[tuple[str, str, str]]:
+    lines = []
+    for name in ("pruning_on", "pruning_off", "before_pruning_on"):
+        r = train.get(name)
+        if r and "error" in r:
+            lines.append((f"train {name} FAILED", r["error"][:60], ""))
+        elif r:
+            lines.append((f"train {name}: samples/s, vol+video/s, MFU, data wait",
+                          f"{r['samples_per_s']:.2f}, {r['volumes_videos_per_s']:.2f}, "
+                          f"{100 * r['mfu']:.1f}%, {100 * r['data_wait_fraction']:.1f}%",
+                          "MFU >= 30%, wait < 5%" if name == "pruning_on" else ""))  # fmt: skip
+    if "speedup_volumes_videos" in train:
+        lines.append(("train vol+video/s, pruning on / off", f"{train['speedup_volumes_videos']:.2f}x", ">= 2x"))  # fmt: skip
+    if "speedup_samples_vs_before" in train:
+        lines.append(("train samples/s, now / before", f"{train['speedup_samples_vs_before']:.2f}x", ">= 3x"))  # fmt: skip
+    return lines
+
+
+def memory_summary(memory: dict) -> list[tuple[str, str, str]]:
+    lines = []
+    for r in memory.get("rows", []):
+        label = (f"peak ckpt={r['gradient_checkpointing']} offload={r['offload']} "
+                 f"fused_ce={r['fused_cross_entropy']}")  # fmt: skip
+        if "error" in r:
+            lines.append((label + " FAILED", r["error"][:60], ""))
+            continue
+        eight = r.get("per_gpu_peak_gb_8_gpus")
+        eight = f", 8 GPUs {eight:.1f} GB/GPU" if eight else ""
+        lines.append((label, f"{r['peak_gb']:.1f} GB{eight}", "<= 16 GB/GPU (8), 80 GB (1)"))
+    return lines
+
+
 def print_summary(results: dict) -> None:
     lines = []
     tower = results.get("tower", {})
@@ -280,22 +386,7 @@ def print_summary(results: dict) -> None:
             lines.append((f"tower fwd+bwd {kind}, fused speed-up over composite",
                           f"{tower[f'{kind}_fused_vs_composite']:.2f}x "
                           f"({tower[f'{kind}_fused_ms']:.1f} vs {tower[f'{kind}_composite_ms']:.1f} ms)", ""))  # fmt: skip
-    train = results.get("train", {})
-    if "speedup_volumes_videos" in train:
-        lines.append(
-            (
-                "train vol+video/s, pruning on / off",
-                f"{train['speedup_volumes_videos']:.2f}x",
-                ">= 1.5x",
-            )
-        )
-        lines.append(
-            ("train MFU (LLM), pruning on", f"{100 * train['pruning_on']['mfu_llm']:.1f}%", "")
-        )
-    for r in results.get("memory", {}).get("rows", []):
-        label = f"peak/GPU ckpt={r['gradient_checkpointing']} offload={r['offload']}"
-        eight = f", 8 GPUs {r['per_gpu_8_mib'] / 1024:.1f} GiB" if r.get("per_gpu_8_mib") else ""
-        lines.append((label, f"{r['peak_memory_mib'] / 1024:.1f} GiB{eight}", "< 24 GB (8 GPUs)"))
+    lines += train_summary(results.get("train", {})) + memory_summary(results.get("memory", {}))
     for r in results.get("l1_prune", {}).get("rows", []) or []:
         lines.append((f"l1_prune {r['input']} {r['dtype']}", f"{r['op_over_floor']:.2f}x floor, "
                       f"{r.get('x_loop', 0):.0f}x loop, syncs {r.get('padded_host_syncs', '-')}", ">= 75% of copy bw"))  # fmt: skip

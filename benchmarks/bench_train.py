@@ -1,11 +1,13 @@
 """Training throughput on the demo mixture: stage 3 (images, volumes and videos) with
 pruning at 0.1 vs without, same data, same steps.
 
-    python benchmarks/bench_train.py [--steps 20]
+    python benchmarks/bench_train.py [--steps 20] [--workers 0,2]
     python benchmarks/bench_train.py --memory omnivmed-1.5b-shape   # GPU: memory per GPU
 
-Reports samples/s, volumes+videos per second, text and visual tokens per second and peak
-memory (CPU RSS, or GPU memory on a GPU). Stage 3 trains every parameter.
+Reports samples/s, volumes+videos per second, text tokens per second, the fraction of
+step time spent waiting for the next batch (data_wait_fraction) and peak memory (CPU RSS,
+or GPU memory on a GPU), for each number of DataLoader workers given (the same samples in
+the same order each time). Stage 3 trains every parameter.
 
 --memory PRESET: peak GPU memory per GPU of stage 3 (everything trained, bf16, ZeRO-2,
 gradient checkpointing on and off) for a full-size preset; the *-shape presets have the
@@ -28,7 +30,7 @@ from _timing import print_table, write_results
 from omnivmed.configs import packaged_config
 from omnivmed.demo import DEMO_MEDIA_SETTINGS, build_demo_dataset
 from omnivmed.training.config import load_stage_config
-from omnivmed.training.trainer import train_stage
+from omnivmed.training.trainer import loader_workers, train_stage
 
 
 def run(data: Path, out: Path, prune: bool, steps: int, media=None, **overrides) -> dict:
@@ -50,6 +52,7 @@ def run(data: Path, out: Path, prune: bool, steps: int, media=None, **overrides)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     timed = slice(1, None) if len(metrics) > 1 else slice(None)
     timed_steps = {m["step"] for m in metrics[timed]}
+    wait_seconds = sum(m["data_wait_fraction"] * m["step_seconds"] for m in metrics[timed])
     ids = [s for r in steps_log if r["step"] in timed_steps for s in r["samples"]]
     train_seconds = sum(m["step_seconds"] for m in metrics[timed])
     volumes_videos = sum(1 for s in ids if s.startswith(("s3-mri", "s3-ct", "s3-endoscopy")))
@@ -58,8 +61,13 @@ def run(data: Path, out: Path, prune: bool, steps: int, media=None, **overrides)
     row = {"prune": prune, "steps": steps, "seconds": elapsed, "timed_steps": len(timed_steps),
            "train_seconds": train_seconds, "samples_per_s": len(ids) / train_seconds,
            "volumes_videos_per_s": volumes_videos / train_seconds,
-           "text_tokens_per_s": sum(m["tokens_per_s"] for m in metrics[timed]) / len(metrics[timed]),
+           **{f"{kind}_tokens_per_s": sum(m[key] for m in metrics[timed]) / len(metrics[timed])
+              for kind, key in (("llm", "tokens_per_s"), ("visual", "visual_tokens_per_s"),
+                                ("tower", "tower_tokens_per_s"))},
+           "num_workers": loader_workers(cfg.num_workers), "packing": cfg.packing,
+           "data_wait_fraction": wait_seconds / train_seconds,
            "peak_memory_mib": peak}  # fmt: skip
+    row["text_tokens_per_s"] = row["llm_tokens_per_s"] - row["visual_tokens_per_s"]
     if torch.cuda.is_available():
         row["peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
         row["world_size"] = torch.distributed.get_world_size()
@@ -90,6 +98,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--workers", default="0,2", help="DataLoader worker counts to compare")
     parser.add_argument("--memory", metavar="PRESET", help="peak GPU memory of a full-size preset")
     args = parser.parse_args(argv)
     if args.memory:
@@ -109,13 +118,18 @@ def main(argv=None) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         paths = build_demo_dataset(Path(tmp) / "data")
-        rows = [run(paths["stage3"], Path(tmp) / f"run{p}", p, args.steps) for p in (False, True)]
-    off, on = rows
-    on["speedup_volumes_videos"] = on["volumes_videos_per_s"] / off["volumes_videos_per_s"]
-    print_table(rows, [("prune", "prune", ""), ("samples_per_s", "samples/s", ".2f"),
+        workers = [int(w) for w in args.workers.split(",")]
+        rows = [run(paths["stage3"], Path(tmp) / f"run{p}{w}", p, args.steps, num_workers=w)
+                for w in workers for p in (False, True)]  # fmt: skip
+    for w in workers:
+        off, on = (r for r in rows if r["num_workers"] == w)
+        on["speedup_volumes_videos"] = on["volumes_videos_per_s"] / off["volumes_videos_per_s"]
+        print(
+            f"{w} workers: volumes+videos per second, pruning on / off: {on['speedup_volumes_videos']:.2f}x"
+        )
+    print_table(rows, [("num_workers", "workers", "d"), ("prune", "prune", ""), ("samples_per_s", "samples/s", ".2f"),
                        ("volumes_videos_per_s", "vol+video/s", ".2f"), ("text_tokens_per_s", "text tok/s", ".0f"),
-                       ("peak_memory_mib", "peak MiB", ".0f")])  # fmt: skip
-    print(f"volumes+videos per second, pruning on / off: {on['speedup_volumes_videos']:.2f}x")
+                       ("data_wait_fraction", "data wait", ".1%"), ("peak_memory_mib", "peak MiB", ".0f")])  # fmt: skip
     if not args.no_save:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         print(f"wrote {write_results('train', device, rows)}")

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Build, test, sanitize and benchmark on a CUDA machine, in one go. Logs and benchmark
 # JSON go to $OUT (default ./gpu_out); a short summary table is printed last.
-# Usage: bash benchmarks/gpu_suite.sh [env|deps|build|test|sanitize|bench|memory|e2e|summary]...
+# Usage: bash benchmarks/gpu_suite.sh [env|deps|build|test|sanitize|bench|memory|e2e|train_e2e|summary]...
 #   (no steps: env build test bench sanitize summary)
 # `deps` installs, offline, what the machine lacks from gpu_wheels/ (made beforehand by
 # scripts/fetch_gpu_wheels.sh on a machine with registry access; carry it with the tree).
 # A build or test failure stops the run at once (a broken kernel must cost one short run).
 # SUITE_SECONDS (default 560) bounds the whole run: every step gets at most what is left,
 # less a reserve for the summary, so a hang in one step cannot eat the rest.
-# E2E_PARTS picks bench_e2e.py's parts (default all); BENCHES the kernel benchmarks.
+# E2E_PARTS picks bench_e2e.py's parts (default all), TRAIN_E2E_PARTS train_e2e's (default
+# train,memory,infer); BENCHES the kernel benchmarks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -51,9 +52,9 @@ for step in "${steps[@]}"; do
       [ -d gpu_wheels ] || { echo "gpu_wheels/ is missing: run scripts/fetch_gpu_wheels.sh where PyPI is reachable and carry gpu_wheels/"; exit 1; }
       # DeepSpeed as a pure-Python wheel: its ops JIT-compile when first used, if ever.
       DS_BUILD_OPS=0 run_bounded 120 "$OUT/deps.log" $PY -m pip install --no-index --find-links gpu_wheels \
-        nibabel pydicom decord gpu_wheels/deepspeed-*-py3-none-any.whl \
+        nibabel pydicom decord liger-kernel gpu_wheels/deepspeed-*-py3-none-any.whl \
         || { echo "offline install failed"; tail -20 "$OUT/deps.log"; status=1; continue; }
-      $PY -c "import deepspeed, nibabel, pydicom, decord; print('deps:', deepspeed.__version__, nibabel.__version__, pydicom.__version__, decord.__version__)" 2>&1 \
+      $PY -c "import deepspeed, nibabel, pydicom, decord, liger_kernel; print('deps:', deepspeed.__version__, nibabel.__version__, pydicom.__version__, decord.__version__, 'liger-kernel')" 2>&1 \
         | tee -a "$OUT/deps.log" | tail -1
       ;;
     build)
@@ -111,6 +112,16 @@ for step in "${steps[@]}"; do
         --parts "${E2E_PARTS:-tower,train,memory,l1_prune,infer}" || status=1
       tail -30 "$OUT/e2e.log"
       ;;
+    train_e2e)
+      # The training step at the 1.5B shape: training (pruning on, off, and the step as it
+      # was before the DataLoader, packing, varlen LLM attention and fused loss), memory,
+      # inference, in that order, so a cut run keeps the most important numbers (the JSON
+      # is rewritten after each part, train_partial.json after each training run).
+      df -h /dev/shm >>"$OUT/train_e2e.log" 2>&1  # DataLoader workers hand batches over through it
+      run_bounded 480 "$OUT/train_e2e.log" $PY benchmarks/bench_e2e.py --out "$OUT/train_e2e" \
+        --parts "${TRAIN_E2E_PARTS:-train,memory,infer}" || status=1
+      tail -30 "$OUT/train_e2e.log"
+      ;;
     summary)
       cat "$OUT/sanitize_summary.txt" 2>/dev/null
       grep -h -E "passed|failed" "$OUT/pytest.log" 2>/dev/null | tail -1
@@ -118,6 +129,7 @@ for step in "${steps[@]}"; do
         [ -f "$OUT/bench_$b.log" ] && { echo "--- $b"; tail -12 "$OUT/bench_$b.log"; }
       done
       [ -f "$OUT/e2e.log" ] && sed -n '/=== summary ===/,$p' "$OUT/e2e.log"
+      [ -f "$OUT/train_e2e.log" ] && { echo "--- training"; sed -n '/=== summary ===/,$p' "$OUT/train_e2e.log"; }
       ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

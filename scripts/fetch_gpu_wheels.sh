@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetch, on a machine with package-registry access, what the GPU machine lacks (it runs
-# Python 3.12 with torch, transformers and peft, but no deepspeed, nibabel, pydicom or
-# decord, and has no internet) into gpu_wheels/ (ignored by git; carried with the tree).
+# Python 3.12 with torch, transformers, peft and Triton, but no deepspeed, nibabel,
+# pydicom, decord or liger-kernel, and has no internet) into gpu_wheels/ (ignored by git;
+# carried with the tree).
 # DeepSpeed comes as its source distribution and as a pure-Python wheel built from it
 # here with every op left to JIT, so nothing compiles at install time there.
 # The demo data is built here too (it needs nilearn, PyAV and scikit-image, which are
@@ -23,6 +24,9 @@ target=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp31
 "$PY" -m pip download --quiet --dest "$DEST" --no-deps "${target[@]}" \
   nibabel pydicom decord==0.6.0 hjson py-cpuinfo msgpack nvidia-ml-py einops psutil ninja tqdm typing-extensions \
   pydantic pydantic-core annotated-types typing-inspection importlib-resources
+# The fused linear cross-entropy of the LLM loss (pure Python + Triton; the machine has
+# Triton and torch, so its wheel alone).
+"$PY" -m pip download --quiet --dest "$DEST" --no-deps "${target[@]}" "${LIGER:-liger-kernel==0.8.5}"
 "$PY" -m pip download --quiet --dest "$DEST/src" --no-deps --no-binary :all: "$DEEPSPEED"
 sdist=$(ls "$DEST"/src/deepspeed-*.tar.gz)
 DS_BUILD_OPS=0 DS_ACCELERATOR=cuda "$PY" -m pip wheel --quiet --no-deps --no-build-isolation \

@@ -395,19 +395,8 @@ def test_mixture_ratios_are_deterministic(tiny, data_root, tmp_path):
         load_mixture(spec, proc)
 
 
-def test_token_budget_batches_and_dataloader_workers(tiny, data_root):
+def test_dataloader_workers(tiny, data_root):
     from torch.utils.data import DataLoader
-
-    from omnivmed.data import TokenBudgetBatchSampler
-
-    sampler = TokenBudgetBatchSampler([5, 7, 3, 9, 1], max_tokens=10, seed=1)
-    batches = list(sampler)
-    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
-    assert all(sum([5, 7, 3, 9, 1][i] for i in b) <= 10 for b in batches)
-    sampler.set_epoch(1)
-    assert sorted(i for b in sampler for i in b) == [0, 1, 2, 3, 4]
-    with pytest.raises(ValueError, match=r"samples \[1\] are longer than max_tokens = 6"):
-        TokenBudgetBatchSampler([5, 7], max_tokens=6)
 
     model, tok = tiny
     proc = OmniVMedProcessor(model.config, tok, ProcessorOptions(max_pixels=64 * 64, max_slices=4))

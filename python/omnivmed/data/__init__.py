@@ -4,7 +4,6 @@ from .collator import VisualCollator
 from .dataset import InstructionDataset, SampleError
 from .mixture import MixtureDataset, MixtureError, load_mixture
 from .records import Record, load_records
-from .sampler import TokenBudgetBatchSampler
 
 __all__ = [
     "InstructionDataset",
@@ -12,7 +11,6 @@ __all__ = [
     "MixtureError",
     "Record",
     "SampleError",
-    "TokenBudgetBatchSampler",
     "VisualCollator",
     "load_mixture",
     "load_records",

@@ -9,6 +9,7 @@ from typing import Any
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from .configuration import OmniVMedConfig, OmniVMedVisionConfig
+from .llm_attention import default_llm_attention
 from .modeling import OmniVMedForConditionalGeneration
 from .registry import ENCODERS, VOLUME_STRATEGIES
 from .tokenizer import add_image_token, build_tiny_tokenizer
@@ -179,7 +180,9 @@ def build_model(
     if volume_path is not None:
         model.volume_strategy.load_pretrained(volume_path)
     if llm_path is not None:
-        model.language_model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=model.dtype)
+        model.language_model = AutoModelForCausalLM.from_pretrained(
+            llm_path, dtype=model.dtype, attn_implementation=default_llm_attention()
+        )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # Grow only: checkpoints often carry spare (padded) rows beyond the tokenizer, and
         # the image token usually fits in them.

@@ -29,6 +29,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .attention import frame_cu_seqlens
 from .configuration import OmniVMedConfig
 from .kinds import VisualKind
+from .llm_attention import default_llm_attention
+from .loss import fused_cross_entropy_applies, fused_linear_cross_entropy
 from .parts import ModelParts, VisionEncoder, VolumeInput, VolumeItem, VolumeStrategy
 
 
@@ -65,7 +67,9 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
         # name stage configs train it by).
         self._volume_module = parts.volume.module_name
         self.add_module(self._volume_module, parts.volume(config))
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = AutoModelForCausalLM.from_config(
+            config.text_config, attn_implementation=default_llm_attention()
+        )
         self.post_init()
 
     # ---- embeddings: the LLM's ---------------------------------------------------------
@@ -171,6 +175,14 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
                 input_ids, pixel_values, visual_positions, visual_cu_seqlens, visual_kinds,
                 visual_grids, volumes, prefill=_is_prefill(past_key_values),
             )  # fmt: skip
+        if (
+            labels is not None
+            and past_key_values is None
+            and fused_cross_entropy_applies(inputs_embeds.device)
+        ):
+            return self._forward_fused_loss(
+                inputs_embeds, attention_mask, position_ids, labels, **kwargs
+            )
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -181,6 +193,18 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def _forward_fused_loss(
+        self, inputs_embeds, attention_mask, position_ids, labels, **kwargs
+    ) -> CausalLMOutputWithPast:
+        """The LLM's body, then the loss straight from its last hidden states and the
+        output embedding (see `loss.py`): no logits are returned."""
+        body = self.language_model.get_decoder()
+        out = body(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                   position_ids=position_ids, use_cache=False, **kwargs)  # fmt: skip
+        weight = self.language_model.get_output_embeddings().weight
+        loss = fused_linear_cross_entropy(out.last_hidden_state, weight, labels)
+        return CausalLMOutputWithPast(loss=loss, logits=None)
 
     def embed_with_visual(
         self, input_ids, pixel_values, visual_positions, visual_cu_seqlens, visual_kinds,

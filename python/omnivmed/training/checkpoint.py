@@ -11,6 +11,7 @@ folder, which resume ignores and the next save removes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -93,6 +94,22 @@ def run_id(out_dir: Path, create: bool) -> str:
         raise CheckpointError(f"{path}: missing or unreadable run file ({exc})") from exc
 
 
+# Descriptors of the output locks this process holds. A forked child (a DataLoader worker)
+# closes its copies at once: an flock belongs to the open file, so a child outliving a
+# killed run would otherwise keep the folder locked against the resume.
+_held_lock_fds: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _held_lock_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_lock_fds.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class OutputLock:
     """An exclusive lock on an output folder for the life of a run, so a second run
     pointed at the same folder stops at once instead of interleaving with the first."""
@@ -118,10 +135,12 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         self._fd = fd
+        _held_lock_fds.add(fd)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
+            _held_lock_fds.discard(self._fd)
             os.close(self._fd)  # closing releases the lock
             self._fd = None
 

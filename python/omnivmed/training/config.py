@@ -52,6 +52,13 @@ class StageConfig:
     zero_stage: int = 2
     offload: bool = False
     gradient_checkpointing: bool = False
+    # Pack each micro-batch's samples into one row (position ids restart per sample; no
+    # padding computed; the LLM runs varlen attention on CUDA) instead of padding them.
+    packing: bool = True
+    # DataLoader worker processes that read, decode, prune and tokenize ahead of the step
+    # (0: in the training process). None: 0 without a GPU, where loading and the step would
+    # share the same cores; with GPUs, up to 8 per GPU from the machine's cores.
+    num_workers: int | None = None
     media: ProcessorOptions = field(default_factory=ProcessorOptions)
     save_every: int = 0
     # A resumable checkpoint at the last step too (off only where nothing will resume, as
@@ -101,6 +108,10 @@ class StageConfig:
                 raise ConfigError(
                     f"stage {self.name!r}: {key} must be finite and >= 0, got {value}"
                 )
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(
+                f"stage {self.name!r}: num_workers must be >= 0, got {self.num_workers}"
+            )
         if self.save_every < 0:
             raise ConfigError(
                 f"stage {self.name!r}: save_every must be >= 0, got {self.save_every}"

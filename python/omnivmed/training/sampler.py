@@ -1,11 +1,17 @@
 """A sampler whose exact position survives a restart: each epoch is a seeded permutation,
-each rank takes every world_size-th index of it, and the state is (epoch, position)."""
+each rank takes every world_size-th index of it, and the state is (epoch, position).
+
+The position counts the samples the training loop has consumed, not those a `DataLoader`
+has fetched ahead: `ResumableBatchSampler` hands the loader the remaining batches without
+moving it, and the loop calls `advance` as it takes each batch, so a checkpoint never
+counts a prefetched batch that was not trained on."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import torch
+from torch.utils.data import Sampler
 
 
 class ResumableShardedSampler:
@@ -25,13 +31,15 @@ class ResumableShardedSampler:
         order = torch.randperm(self.size, generator=g)[: self.per_rank * self.world_size]
         return order[self.rank :: self.world_size].tolist()
 
-    def batches(self, batch_size: int) -> Iterator[list[int]]:
-        """Remaining full batches of this epoch, advancing the position as they are taken."""
+    def remaining(self, batch_size: int) -> list[list[int]]:
+        """This epoch's full batches from the current position on (the position stays)."""
         shard = self.shard(self.epoch)
-        while self.position + batch_size <= len(shard):
-            batch = shard[self.position : self.position + batch_size]
-            self.position += batch_size
-            yield batch
+        starts = range(self.position, len(shard) - batch_size + 1, batch_size)
+        return [shard[p : p + batch_size] for p in starts]
+
+    def advance(self, count: int) -> None:
+        """`count` more samples of this epoch were consumed."""
+        self.position += count
 
     def next_epoch(self) -> None:
         self.epoch += 1
@@ -49,3 +57,18 @@ class ResumableShardedSampler:
                     f"{getattr(self, key)}"
                 )
         self.epoch, self.position = state["epoch"], state["position"]
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """The batch sampler a `DataLoader` draws from: each iteration is the rest of the
+    current epoch from `sampler`'s position, which the consumer advances."""
+
+    def __init__(self, sampler: ResumableShardedSampler, batch_size: int) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.sampler.remaining(self.batch_size))
+
+    def __len__(self) -> int:
+        return len(self.sampler.remaining(self.batch_size))

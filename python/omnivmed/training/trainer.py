@@ -13,12 +13,14 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Collection
+from collections import Counter
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data import InstructionDataset, VisualCollator, load_mixture, load_records
@@ -35,7 +37,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, StageConfig, check_data
 from .distributed import barrier, init_distributed
-from .sampler import ResumableShardedSampler
+from .sampler import ResumableBatchSampler, ResumableShardedSampler
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +181,75 @@ def build_dataset(cfg: StageConfig, model, tokenizer):
     )
 
 
+def loader_workers(setting: int | None) -> int:
+    """The DataLoader's worker count: the stage's `num_workers`, or its default (None): none
+    on the CPU, where workers would take cores from the step itself; with GPUs, the cores
+    per GPU less one for the training process, at most 8."""
+    if setting is not None:
+        return setting
+    if not torch.cuda.is_available():
+        return 0
+    per_gpu = (os.cpu_count() or 2) // max(1, torch.cuda.device_count())
+    return max(1, min(8, per_gpu - 1))
+
+
+@contextlib.contextmanager
+def cores_shared_with(workers: int) -> Iterator[None]:
+    """While `workers` loader processes run, the training process keeps only the cores they
+    leave it (of its share of the node's): oversubscribed, each of its parallel ops waits
+    for a descheduled thread (on 2 cores the step ran 3x slower)."""
+    threads = torch.get_num_threads()
+    if workers > 0:
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        cores = len(os.sched_getaffinity(0)) // max(1, ranks)
+        torch.set_num_threads(max(1, min(threads, cores - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def build_loader(dataset, sampler: ResumableShardedSampler, cfg: StageConfig, pad_token_id: int,
+                 workers: int, pin_memory: bool) -> DataLoader:  # fmt: skip
+    """Batches read, decoded, pruned, tokenized and collated by `workers` worker processes
+    ahead of the step (kept alive across epochs), in the sampler's order."""
+    if workers > 0:
+        # The tokenizer was used before the workers fork; its thread pool must not be.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return DataLoader(
+        dataset,
+        batch_sampler=ResumableBatchSampler(sampler, cfg.micro_batch_size),
+        collate_fn=VisualCollator(pad_token_id, packing=cfg.packing, padding_side="right"),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+    )
+
+
+def batch_tokens(batch: dict[str, Any], image_token_id: int) -> dict[str, int]:
+    """What a collated batch holds: LLM tokens (padding left out), the visual tokens among
+    them, and the patches the vision tower encodes."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    return {
+        "tokens": int(mask.sum()) if mask is not None else ids.numel(),
+        "visual_tokens": int((ids == image_token_id).sum()),
+        "tower_tokens": int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 0,
+    }
+
+
+def timed(batches: Iterable[Any]) -> Iterator[tuple[float, Any]]:
+    """Each item with the seconds spent waiting for it."""
+    it = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        yield time.perf_counter() - start, item
+
+
 class MetricsLog:
     """metrics.jsonl and TensorBoard, both opened at the first record, so a run that fails
     before its first step leaves no log files (and its folder can be removed)."""
@@ -220,7 +291,7 @@ class MetricsLog:
 
 
 # Settings that change neither the model nor the data a resumed run sees.
-_RESUME_FREE = ("name", "output_dir", "save_every", "keep_last", "checkpoint_at_end")
+_RESUME_FREE = ("name", "output_dir", "save_every", "keep_last", "checkpoint_at_end", "num_workers")
 
 
 def resume_settings(cfg: StageConfig) -> dict[str, Any]:
@@ -311,7 +382,9 @@ def _train_stage(cfg, resume, stop_after_steps, allow_changed, rank, world) -> P
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(cfg))  # fmt: skip
-    collate = VisualCollator(tokenizer.pad_token_id, padding_side="right")
+    pin = engine.device.type == "cuda"
+    workers = loader_workers(cfg.num_workers)
+    loader = build_loader(dataset, sampler, cfg, tokenizer.pad_token_id, workers, pin)
     step, seen_samples = 0, []
     ckpt_root = out_dir / "checkpoints"
     if not resume:
@@ -336,15 +409,25 @@ def _train_stage(cfg, resume, stop_after_steps, allow_changed, rank, world) -> P
     out_dir.mkdir(parents=True, exist_ok=True)
     samples_log = out_dir / f"samples_rank{rank}.jsonl"
     # Closed (its line ended) before an error propagates, so the error starts a line.
-    with tqdm(
-        total=total_steps, initial=step, desc=f"{cfg.name}", disable=rank != 0, dynamic_ncols=True
-    ) as bar:
-        run_steps, window_loss, window_tokens, window_skipped, t0 = 0, [], 0, 0, time.perf_counter()
+    with (
+        cores_shared_with(workers),
+        tqdm(
+            total=total_steps,
+            initial=step,
+            desc=f"{cfg.name}",
+            disable=rank != 0,
+            dynamic_ncols=True,
+        ) as bar,
+    ):
+        run_steps, window_loss, window_skipped, t0 = 0, [], 0, time.perf_counter()
+        window_wait, window = 0.0, Counter()
+        image_token_id = model.config.image_token_id
         engine.train()
         done = step >= total_steps
         while not done:
-            for indices in sampler.batches(cfg.micro_batch_size):
-                batch = collate([dataset[i] for i in indices])
+            for wait, batch in timed(loader):
+                window_wait += wait
+                sampler.advance(cfg.micro_batch_size)  # consumed: a checkpoint now counts it
                 window_skipped += batch.pop("num_skipped")
                 kept_ids = batch.pop("ids")
                 if not _all_ranks_agree("input_ids" in batch):
@@ -353,13 +436,10 @@ def _train_stage(cfg, resume, stop_after_steps, allow_changed, rank, world) -> P
                     window_skipped += len(kept_ids)
                     continue
                 seen_samples.extend(kept_ids)
-                window_tokens += (
-                    int(batch["attention_mask"].sum())
-                    if "attention_mask" in batch
-                    else batch["input_ids"].numel()
-                )
+                window.update(batch_tokens(batch, image_token_id))
                 batch = {
-                    k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()
+                    k: v.to(engine.device, non_blocking=pin) if torch.is_tensor(v) else v
+                    for k, v in batch.items()
                 }
                 loss = engine(**batch, use_cache=False).loss
                 if not _all_ranks_agree(bool(torch.isfinite(loss.detach()))):
@@ -390,8 +470,10 @@ def _train_stage(cfg, resume, stop_after_steps, allow_changed, rank, world) -> P
                 seen_samples = []
                 elapsed = time.perf_counter() - t0
                 record = {"step": step, "loss": float(np.mean(window_loss)), "lr": schedule.get_last_lr()[0],
-                          "tokens_per_s": window_tokens * world / max(elapsed, 1e-9), "skipped": window_skipped,
-                          "step_seconds": elapsed}  # fmt: skip
+                          "tokens_per_s": window["tokens"] * world / max(elapsed, 1e-9), "skipped": window_skipped,
+                          "visual_tokens_per_s": window["visual_tokens"] * world / max(elapsed, 1e-9),
+                          "tower_tokens_per_s": window["tower_tokens"] * world / max(elapsed, 1e-9),
+                          "step_seconds": elapsed, "data_wait_fraction": window_wait / max(elapsed, 1e-9)}  # fmt: skip
                 metrics.write(record)
                 bar.set_postfix(
                     loss=f"{record['loss']:.4f}",
@@ -399,7 +481,8 @@ def _train_stage(cfg, resume, stop_after_steps, allow_changed, rank, world) -> P
                     tok_s=f"{record['tokens_per_s']:.0f}",
                 )
                 bar.update(1)
-                window_loss, window_tokens, window_skipped, t0 = [], 0, 0, time.perf_counter()
+                window_loss, window_skipped, t0 = [], 0, time.perf_counter()
+                window_wait, window = 0.0, Counter()
                 if (cfg.save_every and step % cfg.save_every == 0) or (
                     step == total_steps and cfg.checkpoint_at_end
                 ):
