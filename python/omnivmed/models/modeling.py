@@ -170,14 +170,20 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
     ) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        # Newer transformers hand the KV cache over as `cache` (`past_key_values` is its
+        # older name): it is passed on under the name it came with, and only when given, so
+        # the LLM never sees both.
+        kv_cache = kwargs.get("cache", past_key_values)
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.embed_with_visual(
                 input_ids, pixel_values, visual_positions, visual_cu_seqlens, visual_kinds,
-                visual_grids, volumes, prefill=_is_prefill(past_key_values),
+                visual_grids, volumes, prefill=_is_prefill(kv_cache),
             )  # fmt: skip
         if (
             labels is not None
-            and past_key_values is None
+            and kv_cache is None
             and fused_cross_entropy_applies(inputs_embeds.device)
         ):
             return self._forward_fused_loss(
@@ -187,7 +193,6 @@ class OmniVMedForConditionalGeneration(OmniVMedPreTrainedModel, GenerationMixin)
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
