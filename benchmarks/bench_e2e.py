@@ -1,7 +1,10 @@
 """The whole stack on one device, in one run: what pruning buys and what training costs.
 
 1. tower: the vision tower alone (SigLIP so400m shape, 27 layers), forward + backward on
-   the MNI152 template's 32 slices at the 448x448 budget, pruned at 0.1 vs unpruned.
+   the MNI152 template's 32 slices at the 448x448 budget, pruned at 0.1 vs unpruned, with
+   the old default attention backend (composite), the new one (flash) and the new one
+   with compiled layers: ms, tokens/s, TFLOP/s and `..._mfu` over 989 TFLOP/s; beside it
+   transformers' SiglipVisionModel (so400m-patch14-384 config, SDPA) on 32 slices at 384.
 2. train: stage 3 on the demo mixture (images, the MNI volume, the CT series, the
    endoscopy videos) at the 1.5B shape and the presets' media settings: pruning on, off,
    and the step as it was before the DataLoader, packing, varlen LLM attention and fused
@@ -55,58 +58,127 @@ def settings(smoke: bool) -> dict:
 
 
 # ---- 1. the vision tower alone -----------------------------------------------------------
+PEAK_BF16_TFLOPS = 989.0  # H100/H200 dense bf16
+
+
+def tower_variants(device: torch.device) -> list[tuple[str, str | None, bool]]:
+    """(label, CUDA attention backend, compiled layers): the old default (composite), the
+    new one (flash), and the new one with compiled layers; on the CPU one path, eager and
+    compiled."""
+    if device.type == "cuda":
+        return [("composite", "composite", False), ("flash", "flash", False),
+                ("flash_compiled", "flash", True)]  # fmt: skip
+    return [("eager", None, False), ("compiled", None, True)]
+
+
+def tower_flops(params: int, cu: torch.Tensor, heads: int, head_dim: int, layers: int) -> float:
+    """Forward+backward FLOPs: 6 x parameters x tokens, plus attention's 4 L^2 D H per
+    item per layer, x 3 for forward and backward."""
+    lengths = torch.diff(cu.long().cpu()).double()
+    attention = 4.0 * float((lengths**2).sum()) * head_dim * heads * layers
+    return 6.0 * params * float(lengths.sum()) + 3.0 * attention
+
+
+def time_tower(tower, inputs, device, compiled: bool) -> float:
+    def step(_):
+        tower.zero_grad(set_to_none=True)
+        tower(*inputs).float().square().mean().backward()
+
+    return time_call(step, device, warmup=3 if compiled else 2,
+                     iters=5 if device.type == "cpu" else 10)["median_ms"]  # fmt: skip
+
+
 def bench_tower(cfg: dict, out: Path) -> dict:
+    import omnivmed_ext
     from omnivmed.processing import pack_visual_items
 
     with torch.device("meta"):
         shape_model, tok = build_preset(cfg["preset"])
-    tower_cls = type(shape_model.vision_tower)
-    tower = tower_cls(shape_model.config.vision_config).to(cfg["device"], cfg["dtype"])
+    vision = shape_model.config.vision_config
     media = cfg["media"].replace(max_slices=cfg["tower_slices"])
     processor = OmniVMedProcessor(shape_model.config, tok, media)
     item = processor.load(Media(VisualKind.VOLUME, mni_template_path()))
-    import omnivmed_ext
-
-    # On a GPU both CUDA backends of rope_attention are timed; the CPU has one path.
-    backends = omnivmed_ext.attention.CUDA_BACKENDS if cfg["device"].type == "cuda" else (None,)
-    row = {}
-    for backend in backends:
-        for prune in (False, True):
-            batch = pack_visual_items([item], shape_model.config, media, prune=prune)
-            x = batch.pixel_values.to(cfg["device"], cfg["dtype"])
-            pos = batch.visual_positions.to(cfg["device"])
-            cu = batch.visual_cu_seqlens.to(cfg["device"])
-
-            def step(_, x=x, pos=pos, cu=cu):
-                tower.zero_grad(set_to_none=True)
-                tower(x, pos, cu).float().square().mean().backward()
-
-            chosen = (
-                omnivmed_ext.attention.use_cuda_backend(backend)
-                if backend
-                else contextlib.nullcontext()
-            )
+    packs = {}
+    for prune in (False, True):
+        batch = pack_visual_items([item], shape_model.config, media, prune=prune)
+        packs["pruned" if prune else "unpruned"] = (
+            batch.pixel_values.to(cfg["device"], cfg["dtype"]),
+            batch.visual_positions.to(cfg["device"]),
+            batch.visual_cu_seqlens.to(cfg["device"]),
+        )
+    row = {"peak_tflops": PEAK_BF16_TFLOPS, "layers": vision.num_hidden_layers}
+    for label, backend, compiled in tower_variants(cfg["device"]):
+        torch._dynamo.reset()
+        tower = type(shape_model.vision_tower)(vision).to(cfg["device"], cfg["dtype"])
+        params = sum(p.numel() for p in tower.parameters())
+        if compiled:
+            tower.compile_layers()
+        chosen = (omnivmed_ext.attention.use_cuda_backend(backend) if backend
+                  else contextlib.nullcontext())  # fmt: skip
+        for kind, inputs in packs.items():
             with chosen:
-                timing = time_call(
-                    step, cfg["device"], warmup=2, iters=5 if cfg["device"].type == "cpu" else 10
-                )
-            key = ("pruned" if prune else "unpruned") + (f"_{backend}" if backend else "")
-            row[f"{key}_tokens"] = int(x.shape[0])
-            row[f"{key}_ms"] = timing["median_ms"]
-            row[f"{key}_tokens_per_s"] = x.shape[0] / timing["median_ms"] * 1e3
-    # The headline ratio uses the package's default backend.
-    default = f"_{omnivmed_ext.attention.cuda_backend()}" if backends[0] else ""
-    for key in ("tokens", "ms"):
-        for kind in ("pruned", "unpruned"):
-            row[f"{kind}_{key}"] = row[f"{kind}{default}_{key}"]
+                ms = time_tower(tower, inputs, cfg["device"], compiled)
+            tokens = int(inputs[0].shape[0])
+            flops = tower_flops(params, inputs[2], vision.num_attention_heads,
+                                vision.head_dim, vision.num_hidden_layers)  # fmt: skip
+            key = f"{kind}_{label}"
+            row[f"{key}_tokens"], row[f"{key}_ms"] = tokens, ms
+            row[f"{key}_tokens_per_s"] = tokens / ms * 1e3
+            row[f"{key}_tflops"] = flops / ms / 1e9
+            row[f"{key}_mfu"] = row[f"{key}_tflops"] / PEAK_BF16_TFLOPS
+        del tower
+    # The headline numbers are the new default's (flash on a GPU), uncompiled.
+    default = tower_variants(cfg["device"])[1 if cfg["device"].type == "cuda" else 0][0]
+    for kind in ("pruned", "unpruned"):
+        for key in ("tokens", "ms", "tflops", "mfu"):
+            row[f"{kind}_{key}"] = row[f"{kind}_{default}_{key}"]
     row["time_ratio"] = row["pruned_ms"] / row["unpruned_ms"]
     row["token_ratio"] = row["pruned_tokens"] / row["unpruned_tokens"]
-    if backends[0]:
+    if cfg["device"].type == "cuda":
         for kind in ("pruned", "unpruned"):
-            row[f"{kind}_fused_vs_composite"] = (
-                row[f"{kind}_composite_ms"] / row[f"{kind}_fused_ms"]
+            row[f"{kind}_flash_vs_composite"] = (
+                row[f"{kind}_composite_ms"] / row[f"{kind}_flash_ms"]
             )
+    row.update(bench_siglip_baseline(cfg, packs["pruned"], row))
     return row
+
+
+def bench_siglip_baseline(cfg: dict, pruned: tuple, row: dict) -> dict:
+    """transformers' SiglipVisionModel (so400m-patch14-384 config, SDPA) on the volume's
+    slices at its fixed 384x384 (729 tokens each): what a fixed-size SigLIP user runs.
+    Its time does not depend on pixel values, so the resized slices are random."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    if cfg["device"].type == "cuda":
+        config = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                    num_attention_heads=16, image_size=384, patch_size=14)  # fmt: skip
+    else:
+        config = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=2, image_size=32, patch_size=8)  # fmt: skip
+    config._attn_implementation = "sdpa"
+    model = SiglipVisionModel(config).to(cfg["device"], cfg["dtype"])
+    slices = cfg["tower_slices"]
+    pixels = torch.randn(slices, 3, config.image_size, config.image_size,
+                         device=cfg["device"], dtype=cfg["dtype"])  # fmt: skip
+
+    def step(_):
+        model.zero_grad(set_to_none=True)
+        model(pixel_values=pixels).last_hidden_state.float().square().mean().backward()
+
+    ms = time_call(step, cfg["device"], warmup=2, iters=5 if cfg["device"].type == "cpu" else 10)[
+        "median_ms"
+    ]
+    tokens = slices * (config.image_size // config.patch_size) ** 2
+    params = sum(p.numel() for p in model.parameters())
+    cu = torch.arange(0, tokens + 1, tokens // slices, dtype=torch.int32)
+    flops = tower_flops(params, cu, config.num_attention_heads,
+                        config.hidden_size // config.num_attention_heads, config.num_hidden_layers)  # fmt: skip
+    out = {"siglip_sdpa_tokens": tokens, "siglip_sdpa_ms": ms, "siglip_sdpa_tokens_per_s": tokens / ms * 1e3,
+           "siglip_sdpa_tflops": flops / ms / 1e9}  # fmt: skip
+    out["siglip_sdpa_mfu"] = out["siglip_sdpa_tflops"] / PEAK_BF16_TFLOPS
+    best = min(v for k, v in row.items() if k.startswith("pruned_") and k.endswith("_ms"))
+    out["pruned_speedup_vs_siglip_sdpa"] = ms / best
+    return out
 
 
 # ---- 2. and 3. training ------------------------------------------------------------------
@@ -375,17 +447,34 @@ def memory_summary(memory: dict) -> list[tuple[str, str, str]]:
     return lines
 
 
+def tower_summary(tower: dict) -> list[tuple[str, str, str]]:
+    lines = []
+    for kind in ("unpruned", "pruned"):
+        if f"{kind}_mfu" in tower:
+            lines.append((f"tower fwd+bwd {kind} (default backend)", f"{tower[f'{kind}_ms']:.1f} ms, "
+                          f"{tower[f'{kind}_tflops']:.0f} TFLOP/s, MFU {tower[f'{kind}_mfu']:.1%}",
+                          ">= 35% MFU" if kind == "unpruned" else ""))  # fmt: skip
+        if f"{kind}_flash_vs_composite" in tower:
+            lines.append((f"tower fwd+bwd {kind}, flash over composite",
+                          f"{tower[f'{kind}_flash_vs_composite']:.2f}x", ""))  # fmt: skip
+        for key in sorted(
+            k for k in tower if k.startswith(f"{kind}_") and k.endswith("compiled_ms")
+        ):
+            lines.append((f"tower fwd+bwd {kind}, compiled layers", f"{tower[key]:.1f} ms", ""))
+    if "pruned_speedup_vs_siglip_sdpa" in tower:
+        lines.append(("volume fwd+bwd, pruned tower over SiglipVisionModel 384",
+                      f"{tower['pruned_speedup_vs_siglip_sdpa']:.2f}x "
+                      f"({tower['siglip_sdpa_ms']:.1f} ms)", ">= 3x"))  # fmt: skip
+    return lines
+
+
 def print_summary(results: dict) -> None:
     lines = []
     tower = results.get("tower", {})
     if "time_ratio" in tower:
         lines.append(("tower fwd+bwd, pruned / unpruned time", f"{tower['time_ratio']:.2f} "
-                      f"({tower['pruned_tokens']} vs {tower['unpruned_tokens']} tokens)", "<= 0.5"))  # fmt: skip
-    for kind in ("pruned", "unpruned"):
-        if f"{kind}_fused_vs_composite" in tower:
-            lines.append((f"tower fwd+bwd {kind}, fused speed-up over composite",
-                          f"{tower[f'{kind}_fused_vs_composite']:.2f}x "
-                          f"({tower[f'{kind}_fused_ms']:.1f} vs {tower[f'{kind}_composite_ms']:.1f} ms)", ""))  # fmt: skip
+                      f"({tower['pruned_tokens']} vs {tower['unpruned_tokens']} tokens)", "<= 0.35"))  # fmt: skip
+    lines += tower_summary(tower)
     lines += train_summary(results.get("train", {})) + memory_summary(results.get("memory", {}))
     for r in results.get("l1_prune", {}).get("rows", []) or []:
         lines.append((f"l1_prune {r['input']} {r['dtype']}", f"{r['op_over_floor']:.2f}x floor, "

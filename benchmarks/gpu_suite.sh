@@ -3,6 +3,9 @@
 # JSON go to $OUT (default ./gpu_out); a short summary table is printed last.
 # Usage: bash benchmarks/gpu_suite.sh [env|deps|build|test|sanitize|bench|memory|e2e|train_e2e|summary]...
 #   (no steps: env build test bench sanitize summary)
+#   `tower` runs bench_e2e.py's tower part alone (attention backends, compiled layers, MFU,
+#   SiglipVisionModel beside it); `--smoke` (first argument) runs the kernel benchmark and
+#   the tower part on the CPU with tiny sizes, no build: bash benchmarks/gpu_suite.sh --smoke
 # `deps` installs, offline, what the machine lacks from gpu_wheels/ (made beforehand by
 # scripts/fetch_gpu_wheels.sh on a machine with registry access; carry it with the tree).
 # A build or test failure stops the run at once (a broken kernel must cost one short run).
@@ -14,6 +17,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
+SMOKE=
+if [ "${1:-}" = "--smoke" ]; then SMOKE=1; BENCHES=${BENCHES:-bench_rope_attention}; shift; [ $# -eq 0 ] && set -- bench tower summary; fi
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(env build test bench sanitize summary)
 PY=${PYTHON:-python3}
@@ -94,10 +99,19 @@ for step in "${steps[@]}"; do
       ;;
     bench)
       for b in ${BENCHES:-bench_rope_attention bench_l1_prune}; do
-        run_bounded 180 "$OUT/$b.log" $PY benchmarks/$b.py --device cuda || status=1
+        if [ -n "$SMOKE" ]; then bench_args=(--device cpu --iters 2 --warmup 1 --no-save); else bench_args=(--device cuda); fi
+        run_bounded 180 "$OUT/$b.log" $PY benchmarks/$b.py "${bench_args[@]}" || status=1
         tail -22 "$OUT/$b.log"
       done
       cp benchmarks/results/*.json "$OUT/" 2>/dev/null
+      ;;
+    tower)
+      # The vision tower at the so400m shape, bf16, forward+backward: unpruned and pruned at
+      # 0.1, composite (the old default) vs flash, compiled layers or not, MFU; and
+      # transformers' SiglipVisionModel at 384 beside it.
+      run_bounded 300 "$OUT/tower.log" $PY benchmarks/bench_e2e.py ${SMOKE:+--smoke} \
+        --out "$OUT/tower" --parts tower || status=1
+      tail -14 "$OUT/tower.log"
       ;;
     memory)
       # Peak memory per GPU of the 1.5B architecture (random weights), stage 3, ZeRO-2.
@@ -129,6 +143,7 @@ for step in "${steps[@]}"; do
         [ -f "$OUT/bench_$b.log" ] && { echo "--- $b"; tail -12 "$OUT/bench_$b.log"; }
       done
       [ -f "$OUT/e2e.log" ] && sed -n '/=== summary ===/,$p' "$OUT/e2e.log"
+      [ -f "$OUT/tower.log" ] && { echo "--- tower"; sed -n '/=== summary ===/,$p' "$OUT/tower.log"; }
       [ -f "$OUT/train_e2e.log" ] && { echo "--- training"; sed -n '/=== summary ===/,$p' "$OUT/train_e2e.log"; }
       ;;
     *) echo "unknown step $step"; exit 2 ;;

@@ -1,7 +1,7 @@
 """`rope_attention`: bidirectional attention inside each packed item, with `rope_nd`
 applied to q and k.
 
-Ops (schemas in csrc/registration.cpp):
+Ops (schemas in csrc/registration.cpp, the flash ones below):
 
 - `rope_attention` -> out: `rope_attention_forward`'s first output (composite, C++).
 - `rope_attention_forward` -> (out, lse [H, L] fp32): autograd is registered here; its
@@ -9,22 +9,37 @@ Ops (schemas in csrc/registration.cpp):
 - `_rope_attention_fused_forward` / `_backward`: the fused CUDA kernels (float16 and
   bfloat16; flash-attention-2 schedule, rotation applied to tiles on the fly, nothing
   read on the host, so they are sync-free and CUDA-graph safe).
+- `_rope_attention_flash_forward` / `_backward`: `rope_nd` on q and k, then torch's
+  varlen flash attention over the whole pack (defined here in Python: they only call
+  torch ops).
 
 Backends. CPU: `rope_nd`, then PyTorch's flash attention for CPU item by item (it returns
-the log-sum-exp), and its backward with the inverse rotation on dq and dk. CUDA: the fused
-kernels or a composite (`rope_nd` + memory-efficient SDPA per item; the backward written
-out as chunked matmuls), chosen by :func:`set_cuda_backend` or the environment variable
-``OMNIVMED_ROPE_ATTENTION_CUDA`` (``fused`` or ``composite``); the backward always uses
-the backend its forward used. float32 always takes the composite, which reads
-`cu_seqlens` on the host. The default stays the composite: on an H200 the fused kernels
-pass every CUDA test and compute-sanitizer, but are faster only on many short items
-(the pruned so400m tower: 1.6x) and slower on long ones (the unpruned tower: 0.65x);
-benchmarks/README.md has the numbers.
+the log-sum-exp), and its backward with the inverse rotation on dq and dk. CUDA, chosen by
+:func:`set_cuda_backend` or the environment variable ``OMNIVMED_ROPE_ATTENTION_CUDA``:
+
+- ``flash`` (the default): `rope_nd`, then `torch.nn.attention.varlen.varlen_attn` over
+  the whole pack in one call, forward and backward. It was the fastest kernel measured on
+  an H200 at the vision tower's shapes (9x the per-item composite on 64 images of 729
+  tokens; the fused kernel runs at 0.32-0.50x of it). One exception, decided per call
+  from shapes alone (no device value is read, so no host synchronisation): a pack of one
+  item (`cu_seqlens` has two entries) of at least :data:`LONG_ITEM_TOKENS` tokens goes to
+  the memory-efficient SDPA kernel on that item instead, which was faster than
+  `varlen_attn` there (a 32,768-token clip). A long item packed with others stays on
+  `varlen_attn`: splitting the pack would need its offsets on the host.
+  :func:`flash_path` is the rule.
+- ``fused``: the one-kernel forward and backward.
+- ``composite``: `rope_nd` + memory-efficient SDPA per item, the backward written out as
+  chunked matmuls; reads `cu_seqlens` on the host.
+
+float32 always takes the composite. The backward always runs on the path its forward
+took, whatever is selected by then.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import itertools
 import math
 import os
@@ -36,13 +51,18 @@ from ._library import library_loaded, require_library
 from .rope import check_rope_nd_args
 
 SUPPORTED_HEAD_DIMS = (64, 72, 80, 96, 128)
-CUDA_BACKENDS = ("composite", "fused")
+CUDA_BACKENDS = ("flash", "composite", "fused")
+DEFAULT_CUDA_BACKEND = "flash"
+# A single item at least this long takes SDPA instead of varlen_attn under the flash
+# backend (on an H200: 32,768 tokens at head dim 72, 15.6 vs 21.0 ms forward; varlen_attn
+# wins at 8,192 and below).
+LONG_ITEM_TOKENS = 16384
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _backend_from_env() -> str:
-    name = os.environ.get("OMNIVMED_ROPE_ATTENTION_CUDA", "composite").strip().lower()
+    name = os.environ.get("OMNIVMED_ROPE_ATTENTION_CUDA", DEFAULT_CUDA_BACKEND).strip().lower()
     if name not in CUDA_BACKENDS:
         raise ValueError(
             f"OMNIVMED_ROPE_ATTENTION_CUDA must be one of {CUDA_BACKENDS}, got {name!r}"
@@ -59,8 +79,9 @@ def cuda_backend() -> str:
 
 
 def set_cuda_backend(name: str) -> None:
-    """Select the CUDA implementation: ``"fused"`` (one kernel, sync-free) or
-    ``"composite"`` (`rope_nd` + SDPA per item)."""
+    """Select the CUDA implementation: ``"flash"`` (`rope_nd` + torch's varlen flash
+    attention, the default), ``"fused"`` (one kernel, sync-free) or ``"composite"``
+    (`rope_nd` + SDPA per item)."""
     global _cuda_backend
     if name not in CUDA_BACKENDS:
         raise ValueError(
@@ -164,8 +185,26 @@ def rope_attention(
     )
 
 
-def _use_fused(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in _FUSED_DTYPES and _cuda_backend == "fused"
+def flash_path(num_items: int, total: int) -> str:
+    """The flash backend's kernel for a pack of `num_items` items and `total` tokens:
+    ``"sdpa"`` (memory-efficient SDPA on the one item) when the pack is a single item of
+    at least :data:`LONG_ITEM_TOKENS` tokens, else ``"varlen"`` (`varlen_attn` over the
+    pack). Shapes only, so deciding costs no host synchronisation."""
+    return "sdpa" if num_items == 1 and total >= LONG_ITEM_TOKENS else "varlen"
+
+
+def cuda_path(q: torch.Tensor, cu_seqlens: torch.Tensor) -> str:
+    """The implementation a CUDA call with these inputs takes under the selected backend:
+    ``"composite"``, ``"fused"``, ``"varlen"`` or ``"sdpa"`` (dtype and shapes only)."""
+    if q.dtype not in _FUSED_DTYPES or _cuda_backend == "composite":
+        return "composite"
+    if _cuda_backend == "fused":
+        return "fused"
+    return flash_path(cu_seqlens.shape[0] - 1, q.shape[0])
+
+
+def _path(q: torch.Tensor, cu_seqlens: torch.Tensor) -> str:
+    return cuda_path(q, cu_seqlens) if q.is_cuda else "cpu"
 
 
 def _scale(q: torch.Tensor, softmax_scale: float | None) -> float:
@@ -247,11 +286,15 @@ def _backward_cpu(
 def _forward_cuda(
     q, k, v, positions, cu_seqlens, max_seqlen, sections, theta=10000.0, softmax_scale=None
 ):
-    if _use_fused(q):
+    path = cuda_path(q, cu_seqlens)
+    if path != "composite":
         check_rope_attention_args(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta)
-        return torch.ops.omnivmed._rope_attention_fused_forward.default(
-            q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
+        op = (
+            _FLASH_FORWARD
+            if path in _FLASH_PATHS
+            else torch.ops.omnivmed._rope_attention_fused_forward.default
         )
+        return op(q, k, v, positions, cu_seqlens, max_seqlen, list(sections), theta, softmax_scale)
     return _forward_per_item(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta,
                              softmax_scale, _cuda_efficient_item)  # fmt: skip
 
@@ -259,9 +302,10 @@ def _forward_cuda(
 def _backward_cuda(
     grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
 ):
-    if _use_fused(q):
-        return torch.ops.omnivmed._rope_attention_fused_backward.default(
-            grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta,
+    path = cuda_path(q, cu_seqlens)
+    if path != "composite":
+        return _backward_op_for(path)(
+            grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, list(sections), theta,
             softmax_scale,
         )  # fmt: skip
     return _backward_composite(
@@ -333,27 +377,171 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, positions, cu_seqlens)
     ctx.args = (max_seqlen, list(sections), theta, softmax_scale)
-    # The backward uses the fused kernel exactly when the forward did, whatever backend
-    # is selected by the time backward runs.
-    ctx.fused = _use_fused(q)
+    # The backward takes the path the forward took, whatever backend is selected by the
+    # time backward runs.
+    ctx.path = _path(q, cu_seqlens)
+
+
+def _backward_op_for(path: str):
+    if path == "fused":
+        return torch.ops.omnivmed._rope_attention_fused_backward.default
+    if path in _FLASH_PATHS:
+        return _FLASH_BACKWARD
+    return torch.ops.omnivmed.rope_attention_backward.default
 
 
 def _backward(ctx, grad, _grad_lse):
     q, k, v, out, lse, positions, cu_seqlens = ctx.saved_tensors
     max_seqlen, sections, theta, scale = ctx.args
-    backward = (
-        torch.ops.omnivmed._rope_attention_fused_backward.default
-        if ctx.fused
-        else torch.ops.omnivmed.rope_attention_backward.default
-    )
-    dq, dk, dv = backward(
+    dq, dk, dv = _backward_op_for(ctx.path)(
         grad.contiguous(), q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta,
         scale,
     )  # fmt: skip
     return dq, dk, dv, None, None, None, None, None, None
 
 
+# --- the flash backend: rope_nd + torch's varlen flash attention --------------------------
+
+_FLASH_PATHS = ("varlen", "sdpa")
+
+
+@functools.cache
+def _varlen_entry_points():
+    """torch's `varlen_attn` and its backward op, checked once against this torch's
+    signatures (they differ between releases; only the arguments used here must exist)."""
+    from torch.nn.attention import varlen
+
+    params = inspect.signature(varlen.varlen_attn).parameters
+    if "return_aux" not in params or "scale" not in params:
+        raise RuntimeError(
+            "rope_attention: the flash backend needs torch.nn.attention.varlen.varlen_attn "
+            f"with return_aux and scale (torch {torch.__version__} has {list(params)}); "
+            "select the 'fused' or 'composite' backend"
+        )
+    backward = torch.ops.torch_attn._varlen_attn_backward.default
+    names = [a.name for a in backward._schema.arguments]
+    required = {a.name for a in backward._schema.arguments if not a.has_default_value()}
+    unknown = required - set(_VARLEN_BACKWARD_ARGS)
+    if unknown:
+        raise RuntimeError(
+            f"rope_attention: torch {torch.__version__}'s varlen attention backward needs "
+            f"arguments {sorted(unknown)} that the flash backend does not know"
+        )
+    return varlen.varlen_attn, varlen.AuxRequest(lse=True), backward, names
+
+
+# Every argument torch's varlen backward has had, by name (values filled per call).
+_VARLEN_BACKWARD_ARGS = (
+    "grad_out", "query", "key", "value", "out", "lse", "cu_seq_q", "cu_seq_k", "max_q",
+    "max_k", "is_causal", "rng_state", "scale", "window_size",
+)  # fmt: skip
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # The flash kernels take any row stride but need unit stride along D.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _varlen_forward(rq, rk, v, cu_seqlens, max_seqlen, scale):
+    """(out [L, H, D], lse [H, L] fp32) of `varlen_attn` over the pack."""
+    varlen_attn, aux, _, _ = _varlen_entry_points()
+    out, lse = varlen_attn(rq, rk, _last_dim_contiguous(v), cu_seqlens, cu_seqlens,
+                           max_seqlen, max_seqlen, return_aux=aux, scale=scale)  # fmt: skip
+    if lse.shape != (rq.shape[1], rq.shape[0]):
+        raise RuntimeError(
+            f"rope_attention: varlen_attn returned a log-sum-exp of shape {tuple(lse.shape)}, "
+            f"expected [H, L] = {[rq.shape[1], rq.shape[0]]}; select another backend"
+        )
+    return out, lse
+
+
+def _varlen_backward(grad, rq, rk, v, out, lse, cu_seqlens, max_seqlen, scale):
+    _, _, backward, names = _varlen_entry_points()
+    values = {
+        "grad_out": grad, "query": rq, "key": rk, "value": _last_dim_contiguous(v), "out": out,
+        "lse": lse, "cu_seq_q": cu_seqlens, "cu_seq_k": cu_seqlens, "max_q": max_seqlen,
+        "max_k": max_seqlen, "is_causal": False, "scale": scale, "window_size": [-1, -1],
+        # No dropout, so the generator state is never read (torch passes zeros too).
+        "rng_state": torch.zeros(2, dtype=torch.uint64, device=rq.device),
+    }  # fmt: skip
+    return backward(**{name: values[name] for name in names if name in values})
+
+
+def _sdpa_forward(rq, rk, v, scale):
+    """The one-item pack through the memory-efficient SDPA kernel ([1, L, H, D] views)."""
+    out, lse = torch.ops.aten._efficient_attention_forward(
+        rq[None], rk[None], _last_dim_contiguous(v)[None], None, None, None, None, None, 0.0, 0,
+        True, scale=scale,
+    )[:2]  # fmt: skip
+    # Its log-sum-exp rows are padded to a multiple of 32: keep [H, L].
+    return out[0], lse[0, :, : rq.shape[0]].contiguous()
+
+
+def _sdpa_backward(grad, rq, rk, v, out, lse, scale):
+    length, heads = rq.shape[0], rq.shape[1]
+    padded = lse.new_zeros((1, heads, -(-length // 32) * 32))
+    padded[0, :, :length] = lse
+    seed = torch.zeros((), dtype=torch.int64, device=rq.device)  # unused without dropout
+    dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
+        grad[None], rq[None], rk[None], _last_dim_contiguous(v)[None], None, out[None], None,
+        None, length, length, padded, 0.0, seed, seed, 0, False, scale=scale,
+    )  # fmt: skip
+    return dq[0], dk[0], dv[0]
+
+
+def _flash_forward(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale):
+    rq, rk = (_rotate(x, positions, sections, theta) for x in (q, k))
+    scale = _scale(q, softmax_scale)
+    if q.shape[0] == 0:
+        return torch.zeros_like(q), q.new_zeros((q.shape[1], 0), dtype=torch.float32)
+    if flash_path(cu_seqlens.shape[0] - 1, q.shape[0]) == "sdpa":
+        return _sdpa_forward(rq, rk, v, scale)
+    return _varlen_forward(rq, rk, v, cu_seqlens, max_seqlen, scale)
+
+
+def _flash_backward(grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta,
+                    softmax_scale):  # fmt: skip
+    if q.shape[0] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    rq, rk = (_rotate(x, positions, sections, theta) for x in (q, k))
+    scale = _scale(q, softmax_scale)
+    grad = grad.contiguous()
+    if flash_path(cu_seqlens.shape[0] - 1, q.shape[0]) == "sdpa":
+        dq, dk, dv = _sdpa_backward(grad, rq, rk, v, out, lse, scale)
+    else:
+        dq, dk, dv = _varlen_backward(grad, rq, rk, v, out, lse, cu_seqlens, max_seqlen, scale)
+    # dq, dk above are with respect to the rotated q, k: turn them back.
+    return (
+        _rotate(dq, positions, sections, theta, True),
+        _rotate(dk, positions, sections, theta, True),
+        dv.contiguous(),
+    )
+
+
+def _define_flash_ops():
+    # Held in a module global: the definitions live as long as the library object.
+    lib = torch.library.Library("omnivmed", "FRAGMENT")
+    lib.define(
+        "_rope_attention_flash_forward(Tensor q, Tensor k, Tensor v, Tensor positions, "
+        "Tensor cu_seqlens, int max_seqlen, int[] sections, float theta, "
+        "float? softmax_scale) -> (Tensor, Tensor)"
+    )
+    lib.define(
+        "_rope_attention_flash_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, "
+        "Tensor lse, Tensor positions, Tensor cu_seqlens, int max_seqlen, int[] sections, "
+        "float theta, float? softmax_scale) -> (Tensor, Tensor, Tensor)"
+    )
+    lib.impl("_rope_attention_flash_forward", _flash_forward, "CUDA")
+    lib.impl("_rope_attention_flash_backward", _flash_backward, "CUDA")
+    torch.library.register_fake("omnivmed::_rope_attention_flash_forward", _forward_fake, lib=lib)
+    torch.library.register_fake("omnivmed::_rope_attention_flash_backward", _backward_fake, lib=lib)
+    return lib
+
+
 if library_loaded():
+    _flash_library = _define_flash_ops()
+    _FLASH_FORWARD = torch.ops.omnivmed._rope_attention_flash_forward.default
+    _FLASH_BACKWARD = torch.ops.omnivmed._rope_attention_flash_backward.default
     _forward = "omnivmed::rope_attention_forward"
     _backward_op = "omnivmed::rope_attention_backward"
     torch.library.register_kernel(_forward, "cpu")(_forward_cpu)

@@ -42,11 +42,13 @@ IMPLS = [
     pytest.param(("cpu", None), id="cpu"),
     pytest.param(("cuda", "composite"), id="cuda-composite", marks=pytest.mark.cuda),
     pytest.param(("cuda", "fused"), id="cuda-fused", marks=pytest.mark.cuda),
+    pytest.param(("cuda", "flash"), id="cuda-flash", marks=pytest.mark.cuda),
 ]
 IMPL_DTYPES = {
     None: [torch.float32, torch.bfloat16],
     "composite": [torch.float32, torch.bfloat16],
     "fused": [torch.float16, torch.bfloat16],
+    "flash": [torch.float16, torch.bfloat16],
 }
 
 
@@ -159,7 +161,7 @@ def test_opcheck_and_compile(impl):
     for x, y in zip(a, b, strict=True):
         # The fused backward adds dq with atomics: equal up to summation order.
         torch.testing.assert_close(
-            y.grad, x.grad, atol=1e-5 if backend != "fused" else 2e-3, rtol=0
+            y.grad, x.grad, atol=1e-5 if backend in (None, "composite") else 2e-3, rtol=0
         )
 
 
@@ -263,22 +265,22 @@ def test_composite_backward_against_float64(dtype, layout, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("forward_backend", ["fused", "composite"])
+@pytest.mark.parametrize("forward_backend", ["fused", "composite", "flash"])
 def test_backward_follows_the_forward_backend(forward_backend):
-    # Selecting another backend between forward and backward must not mix them: a fused
-    # forward gets the (sync-free) fused backward, a composite one the composite backward.
+    # Selecting another backend between forward and backward must not mix them: a fused or
+    # flash forward gets its own (sync-free) backward, a composite one the composite one.
     q, k, v, pos, cu, m = make_inputs([300, 41], 2, 64, torch.bfloat16, "cuda")
     sections = sections_for(64, True)
     ins = [t.clone().requires_grad_() for t in (q, k, v)]
     with omnivmed_ext.attention.use_cuda_backend(forward_backend):
         out = omnivmed_ext.rope_attention(*ins, pos, cu, m, sections, check_seqlens=False)
-    other = "composite" if forward_backend == "fused" else "fused"
+    other = "fused" if forward_backend == "composite" else "composite"
     with omnivmed_ext.attention.use_cuda_backend(other):
         torch.cuda.synchronize()
-        # The composite backward reads the offsets on the host; the fused one never does.
+        # The composite backward reads the offsets on the host; the others never do.
         torch.cuda.set_sync_debug_mode("error")
         try:
-            if forward_backend == "fused":
+            if forward_backend != "composite":
                 out.backward(torch.ones_like(out))
             else:
                 with pytest.raises(RuntimeError, match="synchroniz"):
@@ -289,8 +291,9 @@ def test_backward_follows_the_forward_backend(forward_backend):
 
 def test_cuda_backend_selection():
     assert omnivmed_ext.attention.cuda_backend() in omnivmed_ext.attention.CUDA_BACKENDS
+    assert omnivmed_ext.attention.DEFAULT_CUDA_BACKEND == "flash"
     with pytest.raises(ValueError, match="must be one of"):
-        omnivmed_ext.attention.set_cuda_backend("flash")
+        omnivmed_ext.attention.set_cuda_backend("flash2")
     before = omnivmed_ext.attention.cuda_backend()
     with omnivmed_ext.attention.use_cuda_backend("fused"):
         assert omnivmed_ext.attention.cuda_backend() == "fused"
@@ -314,3 +317,270 @@ def test_bad_input():
         call(q, k, v, pos, cu.to("meta"), m, (8, 12, 12))
     with pytest.raises(ValueError, match="must sum to D/2"):
         call(q, k, v, pos, cu, m, (8, 12, 11))
+
+
+# --- the flash backend: rope_nd + torch's varlen_attn ----------------------------------
+
+
+def meta_inputs(total, items, dtype=torch.bfloat16):
+    q = torch.empty(total, 16, 72, dtype=dtype, device="meta")
+    return q, torch.empty(items + 1, dtype=torch.int32, device="meta")
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype", "total", "items", "path"),
+    [
+        ("flash", torch.bfloat16, 64 * 729, 64, "varlen"),
+        ("flash", torch.float16, 4 * 8192, 4, "varlen"),
+        ("flash", torch.bfloat16, 32768, 1, "sdpa"),  # one long item: SDPA
+        ("flash", torch.bfloat16, 16384, 1, "sdpa"),
+        ("flash", torch.bfloat16, 16383, 1, "varlen"),
+        ("flash", torch.bfloat16, 32768 + 729, 2, "varlen"),  # long among others: the pack
+        ("flash", torch.float32, 729, 1, "composite"),  # float32 always takes the composite
+        ("fused", torch.bfloat16, 32768, 1, "fused"),
+        ("composite", torch.bfloat16, 729, 1, "composite"),
+    ],
+)
+def test_cuda_path_rule(backend, dtype, total, items, path):
+    q, cu = meta_inputs(total, items, dtype)
+    with omnivmed_ext.attention.use_cuda_backend(backend):
+        assert omnivmed_ext.attention.cuda_path(q, cu) == path
+
+
+def test_flash_path_reads_only_shapes():
+    # Meta tensors hold no values: deciding must not need any.
+    q, cu = meta_inputs(40000, 1)
+    assert omnivmed_ext.attention.cuda_path(q, cu) in ("sdpa", "varlen", "composite", "fused")
+    limit = omnivmed_ext.attention.LONG_ITEM_TOKENS
+    assert omnivmed_ext.attention.flash_path(1, limit) == "sdpa"
+    assert omnivmed_ext.attention.flash_path(1, limit - 1) == "varlen"
+    assert omnivmed_ext.attention.flash_path(3, 10 * limit) == "varlen"
+
+
+class CpuVarlen:
+    """CPU stand-ins for torch's varlen_attn and SDPA entry points: per-item CPU flash
+    attention, recording what the flash backend hands them."""
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def _items(cu, total):
+        bounds = cu.tolist()
+        assert bounds[0] == 0 and bounds[-1] == total
+        return list(itertools.pairwise(bounds))
+
+    def forward(self, rq, rk, v, cu, max_seqlen, scale):
+        self.calls.append(("varlen forward", int(max_seqlen), scale))
+        assert cu.dtype == torch.int32 and rq.is_contiguous() and rk.is_contiguous()
+        out = torch.empty_like(rq)
+        lse = rq.new_empty((rq.shape[1], rq.shape[0]), dtype=torch.float32)
+        for a, b in self._items(cu, rq.shape[0]):
+            assert b - a <= max_seqlen
+            if b > a:
+                o, item_lse = omnivmed_ext.attention._cpu_flash_item(
+                    *(x[a:b].transpose(0, 1)[None] for x in (rq, rk, v)), scale
+                )
+                out[a:b], lse[:, a:b] = o[0].transpose(0, 1), item_lse[0]
+        return out, lse
+
+    def backward(self, grad, rq, rk, v, out, lse, cu, max_seqlen, scale):
+        self.calls.append(("varlen backward", int(max_seqlen), scale))
+        grads = [torch.zeros_like(x) for x in (rq, rk, v)]
+        for a, b in self._items(cu, rq.shape[0]):
+            if b > a:
+                item = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    *(x[a:b].transpose(0, 1)[None].contiguous() for x in (grad, rq, rk, v, out)),
+                    lse[:, a:b][None].contiguous(), 0.0, False, scale=scale,
+                )  # fmt: skip
+                for dst, src in zip(grads, item, strict=True):
+                    dst[a:b] = src[0].transpose(0, 1)
+        return tuple(grads)
+
+    def sdpa_forward(self, rq, rk, v, scale):
+        self.calls.append(("sdpa forward", rq.shape[0], scale))
+        cu = torch.tensor([0, rq.shape[0]], dtype=torch.int32)
+        result = self.forward(rq, rk, v, cu, rq.shape[0], scale)
+        self.calls.pop()  # recorded as the SDPA call above
+        return result
+
+    def sdpa_backward(self, grad, rq, rk, v, out, lse, scale):
+        self.calls.append(("sdpa backward", rq.shape[0], scale))
+        cu = torch.tensor([0, rq.shape[0]], dtype=torch.int32)
+        result = self.backward(grad, rq, rk, v, out, lse, cu, rq.shape[0], scale)
+        self.calls.pop()
+        return result
+
+
+@pytest.fixture
+def cpu_varlen(monkeypatch):
+    stand_in = CpuVarlen()
+    attention = omnivmed_ext.attention
+    monkeypatch.setattr(attention, "_varlen_forward", stand_in.forward)
+    monkeypatch.setattr(attention, "_varlen_backward", stand_in.backward)
+    monkeypatch.setattr(attention, "_sdpa_forward", stand_in.sdpa_forward)
+    monkeypatch.setattr(attention, "_sdpa_backward", stand_in.sdpa_backward)
+    return stand_in
+
+
+def flash_against_reference(lengths, max_seqlen, dtype, softmax_scale=None):
+    # The flash backend's own code (rotation, scale, offsets, log-sum-exp layout, the
+    # inverse rotation of dq and dk) on the CPU, around the stand-in kernels.
+    attention = omnivmed_ext.attention
+    q, k, v, pos, cu, _ = make_inputs(lengths, 3, 72, dtype, "cpu")
+    sections = sections_for(72, True)
+    grad = torch.randn_like(q)
+    out, lse = attention._flash_forward(q, k, v, pos, cu, max_seqlen, sections, 1e4, softmax_scale)
+    got = attention._flash_backward(
+        grad, q, k, v, out, lse, pos, cu, max_seqlen, sections, 1e4, softmax_scale
+    )
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = rope_attention_reference(*ref_in, pos, cu, sections, softmax_scale=softmax_scale)
+    ref.backward(grad.double())
+    low_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    low = rope_attention_reference(
+        *low_in, pos, cu, sections, softmax_scale=softmax_scale, compute_dtype=dtype
+    )
+    low.backward(grad)
+    atol = 1e-5 if dtype == torch.float32 else 1e-3
+    assert out.shape == q.shape and lse.shape == (3, q.shape[0])
+    assert err(out, ref) <= 2 * err(low, ref) + atol
+    for name, g, want, lp in zip("qkv", got, ref_in, low_in, strict=True):
+        assert g.shape == q.shape and g.dtype == dtype
+        assert err(g, want.grad) <= 3 * err(lp.grad, want.grad) + atol, f"d{name}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["one token", "97", "many items"])
+def test_flash_packing_against_float64(cpu_varlen, dtype, layout):
+    lengths = LAYOUTS[layout]
+    flash_against_reference(lengths, max(lengths), dtype)
+    # One varlen call over the whole pack each way, with the host-side max length.
+    assert cpu_varlen.calls == [
+        ("varlen forward", max(lengths), 1 / math.sqrt(72)),
+        ("varlen backward", max(lengths), 1 / math.sqrt(72)),
+    ]
+
+
+def test_flash_packing_with_empty_items_and_an_upper_bound(cpu_varlen):
+    flash_against_reference([0, 5, 0, 33, 1, 0], 64, torch.float32, softmax_scale=0.3)
+    assert [c[1] for c in cpu_varlen.calls] == [64, 64]
+    assert all(c[2] == 0.3 for c in cpu_varlen.calls)
+
+
+def test_flash_long_single_item_takes_sdpa(cpu_varlen, monkeypatch):
+    monkeypatch.setattr(omnivmed_ext.attention, "LONG_ITEM_TOKENS", 200)
+    flash_against_reference([257], 257, torch.float32)
+    assert [c[0] for c in cpu_varlen.calls] == ["sdpa forward", "sdpa backward"]
+    cpu_varlen.calls.clear()
+    flash_against_reference([257, 3], 257, torch.float32)  # not alone: varlen
+    assert [c[0] for c in cpu_varlen.calls] == ["varlen forward", "varlen backward"]
+
+
+def test_flash_ops_fake_kernels():
+    # The flash ops' meta functions (what torch.compile sees) give the documented shapes.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    *real, m = make_inputs([5, 7], 2, 64, torch.bfloat16, "cpu")
+    mode = FakeTensorMode()
+    q, k, v, pos, cu = (mode.from_tensor(t) for t in real)
+    with mode:
+        out, lse = torch.ops.omnivmed._rope_attention_flash_forward(
+            q, k, v, pos, cu, m, [8, 12, 12], 1e4, None
+        )
+        grads = torch.ops.omnivmed._rope_attention_flash_backward(
+            torch.empty_like(q), q, k, v, out, lse, pos, cu, m, [8, 12, 12], 1e4, None
+        )
+    assert out.shape == q.shape and lse.shape == (2, 12) and lse.dtype == torch.float32
+    assert [g.shape for g in grads] == [q.shape] * 3
+
+
+FLASH_LAYOUTS = {
+    "one token": [1],
+    "97": [97],
+    "1025": [1025],
+    "many items": [1, 17, 97, 5, 64, 33] * 20,
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("layout", sorted(FLASH_LAYOUTS))
+def test_flash_matches_float64_reference(dtype, head_dim, layout):
+    with omnivmed_ext.attention.use_cuda_backend("flash"):
+        check_against_reference(
+            FLASH_LAYOUTS[layout], 4, head_dim, dtype, "cuda", sections_for(head_dim, True)
+        )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_flash_long_single_item_sdpa_path(dtype, monkeypatch):
+    # The SDPA path for a pack of one long item, made reachable at a testable size.
+    monkeypatch.setattr(omnivmed_ext.attention, "LONG_ITEM_TOKENS", 1000)
+    q, _ = meta_inputs(1025, 1)
+    with omnivmed_ext.attention.use_cuda_backend("flash"):
+        assert omnivmed_ext.attention.cuda_path(q.to(dtype), _) == "sdpa"
+        check_against_reference([1025], 3, 72, dtype, "cuda", sections_for(72, True))
+        check_against_reference([1025], 2, 128, dtype, "cuda", sections_for(128, False),
+                                softmax_scale=0.2)  # fmt: skip
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("long_item", [False, True])
+def test_flash_is_sync_free_and_capturable(long_item, monkeypatch):
+    if long_item:
+        monkeypatch.setattr(omnivmed_ext.attention, "LONG_ITEM_TOKENS", 100)
+    lengths = [133] if long_item else [100, 0, 33, 1]
+    q, k, v, pos, cu, m = make_inputs(lengths, 2, 64, torch.bfloat16, "cuda")
+    args = (pos, cu, m, sections_for(64, True), 1e4, None)
+    forward = torch.ops.omnivmed._rope_attention_flash_forward
+    backward = torch.ops.omnivmed._rope_attention_flash_backward
+    grad = torch.randn_like(q)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager_out, eager_lse = forward(q, k, v, *args)
+        eager_grads = backward(grad, q, k, v, eager_out, eager_lse, *args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture
+        backward(grad, q, k, v, *forward(q, k, v, *args), *args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = forward(q, k, v, *args)
+        grads = backward(grad, q, k, v, out, lse, *args)
+    graph.replay()
+    torch.testing.assert_close(out, eager_out, atol=0, rtol=0)
+    torch.testing.assert_close(lse, eager_lse, atol=0, rtol=0)
+    for x, y in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(x, y, atol=2e-3, rtol=0)
+
+
+@pytest.mark.cuda
+def test_flash_opcheck():
+    q, k, v, pos, cu, m = make_inputs([3, 60, 1], 2, 80, torch.bfloat16, "cuda")
+    sections = sections_for(80, True)
+    forward = torch.ops.omnivmed._rope_attention_flash_forward.default
+    torch.library.opcheck(forward, (q, k, v, pos, cu, m, sections, 1e4, None))
+    out, lse = forward(q, k, v, pos, cu, m, sections, 1e4, 0.3)
+    torch.library.opcheck(
+        torch.ops.omnivmed._rope_attention_flash_backward.default,
+        (torch.randn_like(q), q, k, v, out, lse, pos, cu, m, sections, 1e4, 0.3),
+    )
+
+
+@pytest.mark.cuda
+def test_flash_matches_fused_on_a_vision_pack():
+    lengths = [1024, 976, 228, 1, 4096, 256]
+    q, k, v, pos, cu, m = make_inputs(lengths, 16, 72, torch.bfloat16, "cuda")
+    sections = sections_for(72, True)
+    with omnivmed_ext.attention.use_cuda_backend("flash"):
+        flash = omnivmed_ext.rope_attention(q, k, v, pos, cu, m, sections)
+    with omnivmed_ext.attention.use_cuda_backend("fused"):
+        fused = omnivmed_ext.rope_attention(q, k, v, pos, cu, m, sections)
+    torch.testing.assert_close(flash.float(), fused.float(), atol=2e-2, rtol=0)

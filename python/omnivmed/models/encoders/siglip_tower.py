@@ -5,6 +5,10 @@ their `positions [L, 3]` (t, h, w) and the items' `cu_seqlens`. The patch embedd
 SigLIP's convolution written as a linear map. Positions enter either as rotary angles in
 every attention layer (`position_encoding="rope"`) or as SigLIP's learned absolute
 embedding added once to the patch embeddings (`"learned"`).
+
+Per forward, the pack is prepared once (the offsets checked and the longest item found on
+the host, the only synchronisation); the layers then run without reading any device
+value, so they can be captured or compiled (:meth:`SiglipTower.compile_layers`).
 """
 
 from __future__ import annotations
@@ -33,12 +37,20 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
+    def qkv_projection(self, hidden: torch.Tensor) -> torch.Tensor:
+        """q, k and v of `hidden` [L, dim] as one matrix product -> `[L, 3, H, D]`.
+
+        The weights stay three `nn.Linear`s (SigLIP's checkpoint names) and are
+        concatenated here: a copy of 3*dim*dim values, small beside the product over L
+        tokens, and under torch.compile it fuses into the graph."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections])
+        bias = torch.cat([p.bias for p in projections])
+        return F.linear(hidden, weight, bias).view(hidden.shape[0], 3, self.num_heads, -1)
+
     def forward(self, hidden, positions, cu_seqlens, max_seqlen):
         length = hidden.shape[0]
-        shape = (length, self.num_heads, self.head_dim)
-        q = self.q_proj(hidden).view(shape)
-        k = self.k_proj(hidden).view(shape)
-        v = self.v_proj(hidden).view(shape)
+        q, k, v = self.qkv_projection(hidden).unbind(1)  # [L, H, D] views
         out = varlen_rotary_attention(
             q, k, v, positions, cu_seqlens, max_seqlen,
             self.config.rope_sections if self.config.rotary else None, self.config.rope_theta,
@@ -99,6 +111,14 @@ class SiglipTower(nn.Module):
         self.layers = nn.ModuleList(VisionLayer(config) for _ in range(config.num_hidden_layers))
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
+
+    def compile_layers(self, **options) -> None:
+        """Compile each encoder layer in place with `torch.compile(**options)` (regional
+        compilation: all layers share one compiled graph, so compiling costs one layer's
+        time, not the tower's). The rotary attention ops are `torch.library` ops with fake
+        kernels, so a layer compiles without graph breaks."""
+        for layer in self.layers:
+            layer.compile(**options)
 
     def forward(
         self,
