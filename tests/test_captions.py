@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from omnivmed.cli.data import main
-from omnivmed.data.captions.backends import InvalidJudgementError, parse_judgement
-from omnivmed.data.captions.http import HttpBackend
-from omnivmed.data.captions.pipeline import CaptionSettings, run_captions
+from omnivmed.prep.captions.backends import InvalidJudgementError, parse_judgement
+from omnivmed.prep.captions.http import HttpBackend
+from omnivmed.prep.captions.pipeline import CaptionSettings, run_captions
 
 
 class Fake:

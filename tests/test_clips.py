@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from omnivmed.cli.data import main
-from omnivmed.data.clips import ClipError, ClipSettings, clip_positions, cut_clips
-from omnivmed.data.converters import convert_dataset
 from omnivmed.data.records import load_records
+from omnivmed.prep.clips import ClipError, ClipSettings, clip_positions, cut_clips
+from omnivmed.prep.converters import convert_dataset
 from omnivmed.processing.readers import read_video
 
 

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from omnivmed.cli.data import main
-from omnivmed.data.converters import ConversionError, convert_dataset
-from omnivmed.data.converters.safe_pickle import RefusedPickle, load_plain_pickle
 from omnivmed.data.records import load_records
 from omnivmed.evaluation import score_files
+from omnivmed.prep.converters import ConversionError, convert_dataset
+from omnivmed.prep.converters.safe_pickle import RefusedPickle, load_plain_pickle
 
 
 def image(path: Path, seed: int = 0) -> None:
@@ -485,7 +485,7 @@ REPORT = "\n".join([
 
 
 def test_report_sections():
-    from omnivmed.data.converters.mimic_cxr import report_sections
+    from omnivmed.prep.converters.mimic_cxr import report_sections
 
     sections = report_sections(REPORT)
     assert (
@@ -545,7 +545,7 @@ def test_mimic_cxr(tmp_path):
 
 # ---- hostile releases: counted per file, never a traceback, never a record training refuses
 def test_hostile_entries_are_counted_not_crashing(tmp_path):
-    from omnivmed.data.converters.mimic_cxr import report_sections
+    from omnivmed.prep.converters.mimic_cxr import report_sections
 
     # A byte-order mark does not cost PSI-AVA's first line.
     root = tmp_path / "psi"

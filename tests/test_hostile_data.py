@@ -18,9 +18,9 @@ from test_clips import endovis_tree
 from test_converters import image, read_jsonl, slake_tree, vqa_rad_tree, write_csv
 
 from omnivmed.cli.data import main
-from omnivmed.data.captions.pipeline import load_clips
-from omnivmed.data.converters import convert_dataset
 from omnivmed.data.records import RecordError, load_records
+from omnivmed.prep.captions.pipeline import load_clips
+from omnivmed.prep.converters import convert_dataset
 
 SECRET = "root:x:0:0:secret"
 
@@ -160,7 +160,7 @@ def m3d_vqa_tree(root: Path, text: str) -> Path:
 
 
 def test_long_csv_fields_are_read_and_oversized_ones_named(tmp_path, monkeypatch, capsys):
-    from omnivmed.data.converters import CSV_FIELD_LIMIT
+    from omnivmed.prep.converters import CSV_FIELD_LIMIT
 
     default_limit = csv.field_size_limit()
     # A report longer than csv's own 128 KiB limit is an ordinary field.
@@ -171,7 +171,7 @@ def test_long_csv_fields_are_read_and_oversized_ones_named(tmp_path, monkeypatch
     assert csv.field_size_limit() == default_limit  # the process-wide limit is left as it was
     assert len(read_jsonl(tmp_path / "a.jsonl")) == 6
     # Beyond the bound: one line naming the file and line.
-    monkeypatch.setattr("omnivmed.data.converters.CSV_FIELD_LIMIT", 1000)
+    monkeypatch.setattr("omnivmed.prep.converters.CSV_FIELD_LIMIT", 1000)
     capsys.readouterr()
     assert (
         main(["convert", "m3d-vqa", "--input", str(root), "--out", str(tmp_path / "b.jsonl")]) == 2

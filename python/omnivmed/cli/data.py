@@ -76,7 +76,7 @@ def _records(path: Path, root: str | None, processor):
 
 def tokens(args) -> int:
     from ..data.files import output_folder
-    from ..data.token_stats import token_statistics, write_report
+    from ..prep.token_stats import token_statistics, write_report
     from ..processing.processor import OmniVMedProcessor
 
     out = output_folder(args.out)
@@ -110,8 +110,8 @@ def tokens(args) -> int:
 
 
 def convert(args) -> int:
-    from ..data.converters import convert_dataset
     from ..data.records import summary_path
+    from ..prep.converters import convert_dataset
 
     summary = convert_dataset(args.source, args.input, args.out, strict=args.strict)
     print(f"{summary['dataset']}: {summary['records']} records -> {summary['output']} "
@@ -142,7 +142,7 @@ def convert(args) -> int:
 
 
 def mix(args) -> int:
-    from ..data.mix import build_mix
+    from ..prep.mix import build_mix
 
     splits = None
     if args.splits is not None:
@@ -170,10 +170,10 @@ def mix(args) -> int:
 
 def _backend(spec: str, model: str | None, args):
     if spec.startswith(("http://", "https://")):
-        from ..data.captions.http import HttpBackend
+        from ..prep.captions.http import HttpBackend
 
         return HttpBackend(spec, model or "default", args.api_key, args.timeout, args.retries)
-    from ..data.captions.local import LocalBackend
+    from ..prep.captions.local import LocalBackend
 
     if not (Path(spec) / "config.json").is_file():
         raise ValueError(f"{spec}: neither an http(s) URL nor a saved model folder")
@@ -181,8 +181,8 @@ def _backend(spec: str, model: str | None, args):
 
 
 def captions(args) -> int:
-    from ..data.captions.pipeline import CaptionSettings, run_captions
     from ..data.records import default_data_root
+    from ..prep.captions.pipeline import CaptionSettings, run_captions
 
     settings = CaptionSettings(candidates=args.candidates, threshold=args.threshold,
                                temperature=args.temperature, judge_retries=args.judge_retries,
@@ -195,7 +195,7 @@ def captions(args) -> int:
 
 
 def clips(args) -> int:
-    from ..data.clips import ClipSettings, cut_clips
+    from ..prep.clips import ClipSettings, cut_clips
 
     settings = ClipSettings(window=args.window, stride=args.stride, edge=args.edge,
                             format=args.format, fps=args.fps, link_frames=args.link)  # fmt: skip
@@ -211,7 +211,7 @@ def clips(args) -> int:
 
 
 def validate(args) -> int:
-    from ..data.validate import validate_file
+    from ..prep.validate import validate_file
 
     report = validate_file(args.data, args.data_root, read_media=not args.no_read)
     print(f"{report['file']}: {report['valid_records']} of {report['records']} records parse; "
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     tok.add_argument("--config", help="a stage YAML whose media settings to use (default: stage3)")
     tok.add_argument("--set", action="append", metavar="media.KEY=VALUE")
     tok.add_argument("--out", default="token_stats", help="folder for token_stats.json/.png")
-    from ..data.converters import converter_names
+    from ..prep.converters import converter_names
 
     conv = sub.add_parser("convert", help="a public dataset's release -> instruction records")
     conv.add_argument("source", help=", ".join(converter_names()))

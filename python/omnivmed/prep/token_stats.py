@@ -11,8 +11,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..data.records import Record
 from ..processing.processor import Media, OmniVMedProcessor
-from .records import Record
 
 
 @dataclass

@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ..models.kinds import VisualKind
-from .files import atomic_write, output_folder, write_text_atomic
-from .mixture import (
+from ..data.files import atomic_write, output_folder, write_text_atomic
+from ..data.mixture import (
     MixtureError,
     draw,
     entry_records,
@@ -28,7 +27,8 @@ from .mixture import (
     read_spec,
     sample_counts,
 )
-from .records import Record
+from ..data.records import Record
+from ..models.kinds import VisualKind
 
 _LIST_KEY = {VisualKind.IMAGE: "images", VisualKind.VIDEO: "videos", VisualKind.VOLUME: "volumes"}
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..files import UnsafePathError, output_folder, regular_file
+from ...data.files import UnsafePathError, output_folder, regular_file
 from .backends import (
     CRITERIA,
     GENERATE_PROMPT,

@@ -12,11 +12,11 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..data.files import UnsafePathError, check_folder, regular_file
+from ..data.records import RecordError, default_data_root, parse_record
 from ..models.kinds import VisualKind
 from ..processing.errors import MediaError
 from ..processing.readers import read_image, read_video, read_volume
-from .files import UnsafePathError, check_folder, regular_file
-from .records import RecordError, default_data_root, parse_record
 
 
 def _read(kind: VisualKind, path: Path) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..files import (
+from ...data.files import (
     UnsafePathError,
     atomic_write,
     inside_root,
@@ -34,7 +34,7 @@ from ..files import (
     regular_file,
     write_text_atomic,
 )
-from ..records import RecordError, parse_record, summary_path
+from ...data.records import RecordError, parse_record, summary_path
 
 CONVERTERS: dict[str, type[Converter]] = {}
 # Longest CSV field read, in characters: far above any report or question (csv's own

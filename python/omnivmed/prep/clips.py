@@ -46,8 +46,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .files import UnsafePathError, inside_root, output_folder, write_text_atomic
-from .records import default_data_root, load_records
+from ..data.files import UnsafePathError, inside_root, output_folder, write_text_atomic
+from ..data.records import default_data_root, load_records
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 EDGES = ("shift", "skip")
