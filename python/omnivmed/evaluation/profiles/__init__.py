@@ -1,14 +1,14 @@
-"""Scoring profiles: each file defines one `Profile` subclass that registers itself by
-name. A profile scores one (reference, prediction) pair at a time and may add metrics over
-a whole group (macro averages); docs/metrics.md defines each one with its version."""
+"""Scoring profiles: each file defines one `Profile` subclass registered by name
+(`@PROFILES.register("strict")`); `PROFILES` imports every module here on first lookup, so
+a new profile is one new file. A profile scores one (reference, prediction) pair at a time
+and may add metrics over a whole group (macro averages); docs/metrics.md defines each one
+with its version."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any, ClassVar
 
-PROFILES: dict[str, type[Profile]] = {}
+from ...registry import Registry
 
 
 class ScoringError(ValueError):
@@ -16,16 +16,11 @@ class ScoringError(ValueError):
 
 
 class Profile:
-    name: ClassVar[str]
+    name: ClassVar[str]  # set by PROFILES.register
     version: ClassVar[str]
     metrics: ClassVar[tuple[str, ...]]  # every metric name it can report
     # Reference fields the profile needs on every record.
     required_fields: ClassVar[tuple[str, ...]] = ("answer",)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
-            PROFILES[cls.name] = cls
 
     def __init__(self, **options: Any) -> None:
         self.options = options
@@ -64,13 +59,15 @@ class Profile:
         return {}
 
 
+PROFILES: Registry[type[Profile]] = Registry(
+    "profile", package=__name__, attribute="name", error=ScoringError
+)
+
+
 def get_profile(name: str, **options: Any) -> Profile:
-    load_profiles()
-    if name not in PROFILES:
-        raise ScoringError(f"unknown profile {name!r}; known: {sorted(PROFILES)}")
-    return PROFILES[name](**options)
+    return PROFILES.get(name)(**options)
 
 
 def load_profiles() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
+    """Import every profile module (`PROFILES` also does this on its first lookup)."""
+    PROFILES.discover()

@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from . import Profile
+from . import PROFILES, Profile
 
 # Its normalisation (borrowed in turn from the VQA evaluation): listed once here.
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]  # fmt: skip
@@ -139,8 +139,8 @@ def bleu4_unsmoothed(pred: str, ref: str) -> float:
     return 0.0 if math.isnan(value) else float(value)
 
 
+@PROFILES.register("llava-med")
 class LlavaMedProfile(Profile):
-    name = "llava-med"
     version = "1"
     metrics = ("closed_accuracy", "open_recall", "open_f1", "open_exact_match", "bleu4")
     required_fields = ("answer", "answer_type")

@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from .. import captions
-from . import Profile, ScoringError
+from . import PROFILES, Profile, ScoringError
 
 
+@PROFILES.register("m3d")
 class M3DProfile(Profile):
-    name = "m3d"
     version = "1"
     metrics = ("closed_accuracy", "bleu1", "rouge1", "meteor", "bertscore")
     required_fields = ("answer", "answer_type")

@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import captions
 from ..text import normalize, tokens
-from . import Profile
+from . import PROFILES, Profile
 
 YES, NO = "yes", "no"
 # Answers that decline to decide are wrong, whatever yes/no words they hold.
@@ -92,8 +92,8 @@ def reference_letter(ref: dict) -> str:
     return ""
 
 
+@PROFILES.register("strict")
 class StrictProfile(Profile):
-    name = "strict"
     version = "2"
     metrics = (
         "closed_accuracy",

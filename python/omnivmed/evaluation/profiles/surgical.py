@@ -14,11 +14,11 @@ from collections import defaultdict
 from typing import Any
 
 from ..text import normalize
-from . import Profile
+from . import PROFILES, Profile
 
 
+@PROFILES.register("surgical")
 class SurgicalProfile(Profile):
-    name = "surgical"
     version = "1"
     metrics = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 

@@ -1,5 +1,6 @@
-"""Connectors (visual features -> LLM embeddings), one per file; importing this package
-registers them."""
+"""Connectors (visual features -> LLM embeddings), one per file, each registered in
+`CONNECTORS` by its own decorator; the registry imports every module here on first
+lookup, so a new connector is one new file."""
 
 from .merge_mlp import MergeMLPConnector
 from .mlp import MLPConnector

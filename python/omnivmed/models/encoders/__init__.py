@@ -1,4 +1,5 @@
-"""Vision encoders, one per file; importing this package registers them."""
+"""Vision encoders, one per file, each registered in `ENCODERS` by its own decorator; the
+registry imports every module here on first lookup, so a new encoder is one new file."""
 
 from .rotary_siglip import RotaryVisionTower
 from .siglip import SiglipVisionTower

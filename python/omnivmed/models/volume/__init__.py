@@ -1,5 +1,6 @@
-"""Volume strategies (how a 3D volume becomes connector input), one per file; importing
-this package registers them."""
+"""Volume strategies (how a 3D volume becomes connector input), one per file, each
+registered in `VOLUME_STRATEGIES` by its own decorator; the registry imports every module
+here on first lookup, so a new strategy is one new file."""
 
 from .encoder3d import Encoder3D, Encoder3DVolume
 from .m3d_clip import load_m3d_vision_weights, m3d_encoder3d_config

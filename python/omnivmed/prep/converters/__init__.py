@@ -2,12 +2,13 @@
 records with the evaluation fields (docs/datasets.md documents each source: the files
 expected, the fields used, the split rule and the expected counts).
 
-Each converter is one file that defines a `Converter` subclass, which registers itself by
-name. `convert_dataset` runs one: it writes the records as JSONL (media paths relative to
-the input folder, which is the data root), refuses output where one image is in two
-splits, and writes and returns a summary (records per split, modality, question type and
-answer type, the documented counts beside them, problems per file with the first few
-named, the data root, the output's SHA-256). Every file of the release is read through
+Each converter is one file that defines a `Converter` subclass registered by name
+(`@CONVERTERS.register("slake")`); `CONVERTERS` imports every module here on first lookup,
+so a new source is one new file. `convert_dataset` runs one: it writes the records as
+JSONL (media paths relative to the input folder, which is the data root), refuses output
+where one image is in two splits, and writes and returns a summary (records per split,
+modality, question type and answer type, the documented counts beside them, problems per
+file with the first few named, the data root, the output's SHA-256). Every file of the release is read through
 the helpers below, which refuse named pipes and links that lead outside the release.
 """
 
@@ -16,10 +17,8 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
-import importlib
 import json
 import os
-import pkgutil
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,8 +34,8 @@ from ...data.files import (
     write_text_atomic,
 )
 from ...data.records import RecordError, parse_record, summary_path
+from ...registry import Registry
 
-CONVERTERS: dict[str, type[Converter]] = {}
 # Longest CSV field read, in characters: far above any report or question (csv's own
 # default, 128 KiB, refuses long reports), still a bound on what one row may hold.
 CSV_FIELD_LIMIT = 16 << 20
@@ -86,18 +85,13 @@ class Problems:
 
 
 class Converter:
-    name: ClassVar[str]
+    name: ClassVar[str]  # set by CONVERTERS.register
     dataset: ClassVar[str]  # the `dataset` field of every record
     # {split: records} from the release's documentation; None where none is documented.
     expected_counts: ClassVar[dict[str, int] | None] = None
     # True where the release splits questions, not images (VQA-RAD): images then appear in
     # several splits by design, and the summary counts them instead of refusing.
     images_shared_across_splits: ClassVar[bool] = False
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
-            CONVERTERS[cls.name] = cls
 
     def __init__(self, root: Path) -> None:
         self.root = root  # the release: every file read is checked against it
@@ -256,16 +250,17 @@ class Converter:
         return rec
 
 
+CONVERTERS: Registry[type[Converter]] = Registry(
+    "source", package=__name__, attribute="name", error=ConversionError
+)
+
+
 def converter_names() -> list[str]:
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
-    return sorted(CONVERTERS)
+    return CONVERTERS.names()
 
 
 def get_converter(name: str, root: Path) -> Converter:
-    if name not in converter_names():
-        raise ConversionError(f"unknown source {name!r}; known: {sorted(CONVERTERS)}")
-    return CONVERTERS[name](root)
+    return CONVERTERS.get(name)(root)
 
 
 def _media(rec: dict) -> list[str]:

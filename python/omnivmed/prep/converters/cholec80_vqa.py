@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from . import Converter, Problems
+from . import CONVERTERS, Converter, Problems
 
 VALIDATION = (5, 11, 12, 17, 19, 26, 27, 31)
 TRAIN = tuple(v for v in range(1, 41) if v not in VALIDATION)
@@ -32,8 +32,8 @@ def question_type(question: str) -> str | None:
     return None
 
 
+@CONVERTERS.register("cholec80-vqa")
 class Cholec80Vqa(Converter):
-    name = "cholec80-vqa"
     dataset = "Cholec80-VQA"
     splits: ClassVar[dict[str, tuple[int, ...]]] = {"train": TRAIN, "validation": VALIDATION}
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from . import Converter, Problems
+from . import CONVERTERS, Converter, Problems
 
 TRAIN = (2, 3, 4, 6, 7, 9, 10, 11, 12, 14, 15)
 VALIDATION = (1, 5, 16)
@@ -31,8 +31,8 @@ def question_type(question: str) -> str | None:
     return None
 
 
+@CONVERTERS.register("endovis18-vqa")
 class EndoVis18Vqa(Converter):
-    name = "endovis18-vqa"
     dataset = "EndoVis18-VQA"
     splits: ClassVar[dict[str, tuple[int, ...]]] = {"train": TRAIN, "validation": VALIDATION}
 

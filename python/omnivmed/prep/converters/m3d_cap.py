@@ -12,15 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import ConversionError, Converter, Problems, RefusedFileError
+from . import CONVERTERS, ConversionError, Converter, Problems, RefusedFileError
 from .m3d_vqa import M3D_ARRAYS
 
 SPLITS = ("train", "validation", "test")
 PROMPT = "Describe the findings of this CT scan."
 
 
+@CONVERTERS.register("m3d-cap")
 class M3DCap(Converter):
-    name = "m3d-cap"
     dataset = "M3D-Cap"
 
     def records(self, root: Path, problems: Problems) -> Iterator[dict[str, Any]]:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import Converter, Problems
+from . import CONVERTERS, Converter, Problems
 
 SPLITS = ("train", "val", "test")
 M3D_ARRAYS = {"intensity": "none"}  # M3D's .npy volumes are already in [0, 1]
@@ -21,8 +21,8 @@ COLUMNS = ("Image Path", "Question Type", "Question", "Choice A", "Choice B", "C
            "Choice D", "Answer", "Answer Choice")  # fmt: skip
 
 
+@CONVERTERS.register("m3d-vqa")
 class M3DVqa(Converter):
-    name = "m3d-vqa"
     dataset = "M3D-VQA"
 
     def records(self, root: Path, problems: Problems) -> Iterator[dict[str, Any]]:

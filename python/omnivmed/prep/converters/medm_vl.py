@@ -19,14 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import ConversionError, Converter, Problems
+from . import CONVERTERS, ConversionError, Converter, Problems
 
 MEDM_VL_VOLUMES = {"intensity": "ct_window", "ct_window": [0.0, 2000.0]}
 _MARKERS = re.compile("<image3d>|<image>")
 
 
+@CONVERTERS.register("medm-vl")
 class MedMVl(Converter):
-    name = "medm-vl"
     dataset = "MedM-VL"
 
     def records(self, root: Path, problems: Problems) -> Iterator[dict[str, Any]]:

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import ConversionError, Converter, Problems, RefusedFileError
+from . import CONVERTERS, ConversionError, Converter, Problems, RefusedFileError
 
 FRONTAL = ("PA", "AP")
 SPLITS = ("train", "validate", "test")
@@ -72,8 +72,8 @@ def _table(root: Path, stem: str) -> Path:
     return path
 
 
+@CONVERTERS.register("mimic-cxr")
 class MimicCxr(Converter):
-    name = "mimic-cxr"
     dataset = "MIMIC-CXR"
 
     def records(self, root: Path, problems: Problems) -> Iterator[dict[str, Any]]:

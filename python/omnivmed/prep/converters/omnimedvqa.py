@@ -14,14 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import Converter, Problems
+from . import CONVERTERS, Converter, Problems
 
 LETTERS = "ABCD"
 REQUIRED = ("question_id", "question", "gt_answer", "image_path", "option_A", "option_B")
 
 
+@CONVERTERS.register("omnimedvqa")
 class OmniMedVqa(Converter):
-    name = "omnimedvqa"
     dataset = "OmniMedVQA"
 
     def records(self, root: Path, problems: Problems) -> Iterator[dict[str, Any]]:

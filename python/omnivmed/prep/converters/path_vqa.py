@@ -10,14 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import ConversionError, Converter, Problems
+from . import CONVERTERS, ConversionError, Converter, Problems
 from .safe_pickle import RefusedPickle, load_plain_pickle
 
 SPLITS = ("train", "val", "test")
 
 
+@CONVERTERS.register("path-vqa")
 class PathVqa(Converter):
-    name = "path-vqa"
     dataset = "PathVQA"
 
     def records(self, root: Path, problems: Problems) -> Iterator[dict[str, Any]]:

@@ -10,15 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import Converter, Problems
+from . import CONVERTERS, Converter, Problems
 
 COLUMNS = ("Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D",
            "Answer_label")  # fmt: skip
 _PREFIX = re.compile(r"^\s*[A-D]\s*[:.)]\s*")
 
 
+@CONVERTERS.register("pmc-vqa")
 class PmcVqa(Converter):
-    name = "pmc-vqa"
     dataset = "PMC-VQA"
 
     def records(self, root: Path, problems: Problems) -> Iterator[dict[str, Any]]:

@@ -11,14 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import Converter, Problems
+from . import CONVERTERS, Converter, Problems
 
 SPLITS = {"train": "Train", "validation": "Val"}
 TASKS = {"C1_location.txt": "location", "C3_phase.txt": "phase", "C4_step.txt": "step"}
 
 
+@CONVERTERS.register("psi-ava-vqa")
 class PsiAvaVqa(Converter):
-    name = "psi-ava-vqa"
     dataset = "PSI-AVA-VQA"
 
     def records(self, root: Path, problems: Problems) -> Iterator[dict[str, Any]]:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from . import Converter, Problems
+from . import CONVERTERS, Converter, Problems
 
 _MARKER = re.compile("<image>")
 
@@ -74,15 +74,15 @@ class _PubMedVision(Converter):
             yield rec
 
 
+@CONVERTERS.register("pubmedvision-alignment")
 class PubMedVisionAlignment(_PubMedVision):
-    name = "pubmedvision-alignment"
     dataset = "PubMedVision-Alignment"
     file = "PubMedVision_Alignment_VQA.json"
     expected_counts: ClassVar[dict[str, int]] = {"train": 647031}
 
 
+@CONVERTERS.register("pubmedvision-instruct")
 class PubMedVisionInstruct(_PubMedVision):
-    name = "pubmedvision-instruct"
     dataset = "PubMedVision-Instruct"
     file = "PubMedVision_InstructionTuning_VQA.json"
     expected_counts: ClassVar[dict[str, int]] = {"train": 647031}

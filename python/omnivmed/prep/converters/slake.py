@@ -9,13 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from . import Converter, Problems
+from . import CONVERTERS, Converter, Problems
 
 SPLITS = {"train": "train.json", "validate": "validate.json", "test": "test.json"}
 
 
+@CONVERTERS.register("slake")
 class Slake(Converter):
-    name = "slake"
     dataset = "SLAKE"
     expected_counts: ClassVar[dict[str, int]] = {"train": 9835, "validate": 2099, "test": 2094}
 

@@ -12,14 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from . import ConversionError, Converter, Problems
+from . import CONVERTERS, ConversionError, Converter, Problems
 
 JSON_NAME = "VQA_RAD Dataset Public.json"
 IMAGE_DIR = "VQA_RAD Image Folder"
 
 
+@CONVERTERS.register("vqa-rad")
 class VqaRad(Converter):
-    name = "vqa-rad"
     dataset = "VQA-RAD"
     expected_counts: ClassVar[dict[str, int]] = {"test": 451}
     images_shared_across_splits = True
