@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from ..extras import CHART_MODULE, NO_CHART, installed
 from . import DATA_ROOT_HELP
 
 
@@ -105,7 +106,7 @@ def tokens(args) -> int:
         named = "; ".join(why for _, why in failed[:3])
         more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
         print(f"{len(failed)} samples could not be read and were left out: {named}{more}")
-    print(f"wrote {json_path} and {png_path}")
+    print(f"wrote {json_path} and {png_path}" if png_path else f"wrote {json_path}; {NO_CHART}")
     return 0
 
 
@@ -162,9 +163,9 @@ def mix(args) -> int:
         )
     for key in ("modality", "task", "dataset"):
         print(f"{key}: {summary[key]}")
-    print(
-        f"wrote {Path(args.out) / 'mixture.summary.json'} and {Path(args.out) / 'distribution.png'}"
-    )
+    wrote = f"wrote {Path(args.out) / 'mixture.summary.json'}"
+    print(f"{wrote} and {Path(args.out) / 'distribution.png'}" if installed(CHART_MODULE)
+          else f"{wrote}; {NO_CHART}")  # fmt: skip
     return 0
 
 

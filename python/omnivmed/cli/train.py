@@ -28,6 +28,7 @@ import yaml
 
 from ..configs import packaged_config
 from ..data.files import output_folder
+from ..extras import TRAIN_MODULES, MissingExtraError, require
 from ..training.checkpoint import CheckpointError
 from ..training.config import (
     ConfigError,
@@ -38,6 +39,7 @@ from ..training.config import (
     yaml_problem,
 )
 from ..training.outputs import new_folders, remove_unused
+from .quiet import quiet_deepspeed_op_builds
 
 DEMO_OUTPUT = "omnivmed-demo"
 
@@ -189,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         "--local_rank", type=int, default=None, help=argparse.SUPPRESS
     )  # deepspeed launcher
     args = parser.parse_args(argv)
+    try:  # before anything is built or written: DeepSpeed is an extra
+        require("train", TRAIN_MODULES, "omnivmed-train")
+    except MissingExtraError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    quiet_deepspeed_op_builds()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

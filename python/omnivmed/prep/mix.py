@@ -28,6 +28,7 @@ from ..data.mixture import (
     sample_counts,
 )
 from ..data.records import Record
+from ..extras import CHART_MODULE, installed
 from ..models.kinds import VisualKind
 
 _LIST_KEY = {VisualKind.IMAGE: "images", VisualKind.VIDEO: "videos", VisualKind.VOLUME: "volumes"}
@@ -147,6 +148,8 @@ def build_mix(
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:
+    if not installed(CHART_MODULE):  # the summary and the table say it all
+        return
     import matplotlib
 
     matplotlib.use("Agg")

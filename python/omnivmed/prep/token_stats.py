@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..data.records import Record
+from ..extras import CHART_MODULE, installed
 from ..processing.processor import Media, OmniVMedProcessor
 
 
@@ -65,18 +66,20 @@ def token_statistics(
     return rows, failed
 
 
-def write_report(rows: list[ModalityTokens], out_dir: Path, title: str) -> tuple[Path, Path]:
+def write_report(rows: list[ModalityTokens], out_dir: Path, title: str) -> tuple[Path, Path | None]:
     """`token_stats.json` and `token_stats.png` (a bar chart: tokens per item, pruned vs
-    not) in `out_dir`."""
+    not) in `out_dir`; the chart is None where matplotlib is not installed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = [{**asdict(r), "reduction": r.reduction} for r in rows]
+    json_path = out_dir / "token_stats.json"
+    json_path.write_text(json.dumps({"title": title, "modalities": data}, indent=2) + "\n")
+    if not installed(CHART_MODULE):
+        return json_path, None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = [{**asdict(r), "reduction": r.reduction} for r in rows]
-    json_path = out_dir / "token_stats.json"
-    json_path.write_text(json.dumps({"title": title, "modalities": data}, indent=2) + "\n")
     per_item = defaultdict(list)
     for r in rows:
         per_item["unpruned"].append(r.unpruned / max(r.items, 1))
