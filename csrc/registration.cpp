@@ -1,5 +1,9 @@
-// Every op schema of the omnivmed namespace, in one place. Backends add their kernels
-// with TORCH_LIBRARY_IMPL next to the kernels themselves.
+// Every op schema of the omnivmed namespace declared in C++, in one place. Backends add
+// their kernels with TORCH_LIBRARY_IMPL next to the kernels themselves, and the library
+// registers a kernel for every schema it declares: a CPU one for each op (or a composite
+// one), plus CUDA ones when built with CUDA; only the private _rope_attention_fused_* ops
+// are CUDA-only. What Python adds (omnivmed_ext): fake kernels, autograd, and CUDA
+// backends of rope_attention written with torch ops under their own private names.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -22,8 +26,13 @@ TORCH_LIBRARY(omnivmed, m) {
       "rope_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor positions, Tensor cu_seqlens, int max_seqlen, int[] sections, "
       "float theta, float? softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
-  // The fused CUDA kernels (float16/bfloat16, sync-free), same schemas; rope_attention's
-  // CUDA path selects them (omnivmed_ext.attention).
+  // CPU kernels: rope_nd + ATen's CPU flash attention per item (csrc/attention/
+  // rope_attention_cpu.cpp); CUDA kernels: the fused ones below. From Python, the autograd
+  // kernel of rope_attention_forward picks the CUDA backend per call
+  // (omnivmed_ext.attention).
+  //
+  // The fused CUDA kernels (float16/bfloat16, sync-free) under their own names, same
+  // schemas, CUDA only.
   m.def(
       "_rope_attention_fused_forward(Tensor q, Tensor k, Tensor v, Tensor positions, "
       "Tensor cu_seqlens, int max_seqlen, int[] sections, float theta=10000.0, "

@@ -1,21 +1,33 @@
 """`rope_attention`: bidirectional attention inside each packed item, with `rope_nd`
 applied to q and k.
 
-Ops (schemas in csrc/registration.cpp, the flash ones below):
+Ops, one owner each:
 
-- `rope_attention` -> out: `rope_attention_forward`'s first output (composite, C++).
-- `rope_attention_forward` -> (out, lse [H, L] fp32): autograd is registered here; its
-  backward is `rope_attention_backward`, which reads out and lse.
-- `_rope_attention_fused_forward` / `_backward`: the fused CUDA kernels (float16 and
-  bfloat16; flash-attention-2 schedule, rotation applied to tiles on the fly, nothing
-  read on the host, so they are sync-free and CUDA-graph safe).
-- `_rope_attention_flash_forward` / `_backward`: `rope_nd` on q and k, then torch's
-  varlen flash attention over the whole pack (defined here in Python: they only call
-  torch ops).
+- `rope_attention` -> out: `rope_attention_forward`'s first output (CompositeImplicitAutograd,
+  C++).
+- `rope_attention_forward` -> (out, lse [H, L] fp32) and `rope_attention_backward`, which
+  reads out and lse: schemas and both kernels in C++ (csrc/registration.cpp,
+  csrc/attention/). CPU: `rope_nd`, then PyTorch's flash attention for CPU item by item
+  (it returns the log-sum-exp), and its backward with the inverse rotation on dq and dk.
+  CUDA: the fused kernels.
+- `_rope_attention_fused_forward` / `_backward`: the fused CUDA kernels under their own
+  names (float16 and bfloat16; flash-attention-2 schedule, rotation applied to tiles on
+  the fly, nothing read on the host, so they are sync-free and CUDA-graph safe).
+- `_rope_attention_flash_forward` / `_backward` and `_rope_attention_composite_forward` /
+  `_backward`: the CUDA backends written in Python (they only call torch ops), declared and
+  implemented here, CUDA only.
 
-Backends. CPU: `rope_nd`, then PyTorch's flash attention for CPU item by item (it returns
-the log-sum-exp), and its backward with the inverse rotation on dq and dk. CUDA, chosen by
-:func:`set_cuda_backend` or the environment variable ``OMNIVMED_ROPE_ATTENTION_CUDA``:
+This module adds what Python owns, as pytorch/extension-cpp does: fake kernels, and the
+autograd of `rope_attention_forward`, registered on its Autograd key. That autograd kernel
+is also where the CUDA backend is chosen, per call: the forward runs the op of
+:func:`cuda_path` (the C++ op's own kernel on the CPU) and its backward the backward op of
+that same path. Under ``torch.inference_mode`` the Autograd key is skipped, so a direct
+call of the op takes the C++ kernel (fused on CUDA); :func:`rope_attention` chooses the
+backend itself there. Direct calls of `rope_attention_backward` choose by
+:func:`cuda_path` too.
+
+CUDA backends, chosen by :func:`set_cuda_backend` or the environment variable
+``OMNIVMED_ROPE_ATTENTION_CUDA``:
 
 - ``flash`` (the default): `rope_nd`, then `torch.nn.attention.varlen.varlen_attn` over
   the whole pack in one call, forward and backward. It was the fastest kernel measured on
@@ -180,9 +192,11 @@ def rope_attention(
     require_library("rope_attention", q.device)
     if check_seqlens and not torch.compiler.is_compiling():
         validate_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
-    return torch.ops.omnivmed.rope_attention.default(
-        q, k, v, positions, cu_seqlens, int(max_seqlen), sections, float(theta), softmax_scale
-    )
+    args = (q, k, v, positions, cu_seqlens, int(max_seqlen), sections, float(theta), softmax_scale)
+    if q.is_cuda and not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        # Inference mode skips the Autograd key, where the backend is chosen: choose here.
+        return _forward_op_for(_path(q, cu_seqlens))(*args)[0]
+    return torch.ops.omnivmed.rope_attention.default(*args)
 
 
 def flash_path(num_items: int, total: int) -> str:
@@ -239,6 +253,8 @@ def _forward_per_item(q, k, v, positions, cu_seqlens, max_seqlen, sections, thet
 
 
 def _cpu_flash_item(rq, rk, v, scale):
+    # One item through torch's CPU flash attention, the call the C++ CPU kernel makes (the
+    # tests' CPU stand-ins for the flash backend's kernels are built on it).
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         rq, rk, v, 0.0, False, scale=scale
     )
@@ -250,67 +266,6 @@ def _cuda_efficient_item(rq, rk, v, scale):
         rq, rk, v, None, True, scale=scale
     )
     return out, lse
-
-
-def _forward_cpu(
-    q, k, v, positions, cu_seqlens, max_seqlen, sections, theta=10000.0, softmax_scale=None
-):
-    return _forward_per_item(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta,
-                             softmax_scale, _cpu_flash_item)  # fmt: skip
-
-
-def _backward_cpu(
-    grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
-):
-    bounds = validate_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
-    rq, rk = (_rotate(x, positions, sections, theta) for x in (q, k))
-    grads = [torch.zeros_like(x, memory_format=torch.contiguous_format) for x in (q, k, v)]
-    scale = _scale(q, softmax_scale)
-    for a, b in itertools.pairwise(bounds):
-        if b > a:
-            item = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                *(_heads_first(x[a:b].contiguous()) for x in (grad, rq, rk, v, out)),
-                lse[:, a:b].unsqueeze(0).contiguous(), 0.0, False, scale=scale,
-            )  # fmt: skip
-            for dst, src in zip(grads, item, strict=True):
-                dst[a:b] = src[0].transpose(0, 1)
-    dq, dk, dv = grads
-    # dq, dk above are with respect to the rotated q, k: turn them back.
-    return (
-        _rotate(dq, positions, sections, theta, True),
-        _rotate(dk, positions, sections, theta, True),
-        dv,
-    )
-
-
-def _forward_cuda(
-    q, k, v, positions, cu_seqlens, max_seqlen, sections, theta=10000.0, softmax_scale=None
-):
-    path = cuda_path(q, cu_seqlens)
-    if path != "composite":
-        check_rope_attention_args(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta)
-        op = (
-            _FLASH_FORWARD
-            if path in _FLASH_PATHS
-            else torch.ops.omnivmed._rope_attention_fused_forward.default
-        )
-        return op(q, k, v, positions, cu_seqlens, max_seqlen, list(sections), theta, softmax_scale)
-    return _forward_per_item(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta,
-                             softmax_scale, _cuda_efficient_item)  # fmt: skip
-
-
-def _backward_cuda(
-    grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
-):
-    path = cuda_path(q, cu_seqlens)
-    if path != "composite":
-        return _backward_op_for(path)(
-            grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, list(sections), theta,
-            softmax_scale,
-        )  # fmt: skip
-    return _backward_composite(
-        grad, q, k, v, out, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
-    )
 
 
 # Scores held at once by the composite backward: 2**26 float32 values (256 MiB), so a
@@ -357,6 +312,22 @@ def _backward_composite(
     )
 
 
+def _composite_forward(
+    q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
+):  # fmt: skip
+    return _forward_per_item(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta,
+                             softmax_scale, _cuda_efficient_item)  # fmt: skip
+
+
+def _composite_backward_kernel(
+    grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
+):
+    # The composite recomputes the probabilities, so it needs no log-sum-exp.
+    return _backward_composite(
+        grad, q, k, v, out, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
+    )
+
+
 def _forward_fake(
     q, k, v, positions, cu_seqlens, max_seqlen, sections, theta=10000.0, softmax_scale=None
 ):
@@ -369,35 +340,6 @@ def _backward_fake(
     grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
 ):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, positions, cu_seqlens)
-    ctx.args = (max_seqlen, list(sections), theta, softmax_scale)
-    # The backward takes the path the forward took, whatever backend is selected by the
-    # time backward runs.
-    ctx.path = _path(q, cu_seqlens)
-
-
-def _backward_op_for(path: str):
-    if path == "fused":
-        return torch.ops.omnivmed._rope_attention_fused_backward.default
-    if path in _FLASH_PATHS:
-        return _FLASH_BACKWARD
-    return torch.ops.omnivmed.rope_attention_backward.default
-
-
-def _backward(ctx, grad, _grad_lse):
-    q, k, v, out, lse, positions, cu_seqlens = ctx.saved_tensors
-    max_seqlen, sections, theta, scale = ctx.args
-    dq, dk, dv = _backward_op_for(ctx.path)(
-        grad.contiguous(), q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta,
-        scale,
-    )  # fmt: skip
-    return dq, dk, dv, None, None, None, None, None, None
 
 
 # --- the flash backend: rope_nd + torch's varlen flash attention --------------------------
@@ -518,43 +460,134 @@ def _flash_backward(grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, 
     )
 
 
-def _define_flash_ops():
+# --- per-call dispatch and autograd -----------------------------------------------------
+
+
+def _forward_op_for(path: str):
+    """The forward op of a path; "cpu" is the C++ op's own CPU kernel, so it must be called
+    below the Autograd key (where this choice is made)."""
+    if path == "cpu":
+        return torch.ops.omnivmed.rope_attention_forward.default
+    if path == "fused":
+        return torch.ops.omnivmed._rope_attention_fused_forward.default
+    if path in _FLASH_PATHS:
+        return torch.ops.omnivmed._rope_attention_flash_forward.default
+    return torch.ops.omnivmed._rope_attention_composite_forward.default
+
+
+def _backward_op_for(path: str):
+    if path == "cpu":
+        return torch.ops.omnivmed.rope_attention_backward.default
+    if path == "fused":
+        return torch.ops.omnivmed._rope_attention_fused_backward.default
+    if path in _FLASH_PATHS:
+        return torch.ops.omnivmed._rope_attention_flash_backward.default
+    return torch.ops.omnivmed._rope_attention_composite_backward.default
+
+
+class _RopeAttentionFunction(torch.autograd.Function):
+    """rope_attention_forward on one path, and the backward op of that same path."""
+
+    @staticmethod
+    def forward(ctx, path, q, k, v, positions, cu_seqlens, max_seqlen, sections, theta,
+                softmax_scale):  # fmt: skip
+        with torch._C._AutoDispatchBelowAutograd():
+            out, lse = _forward_op_for(path)(
+                q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale
+            )
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse, positions, cu_seqlens)
+        # The backward takes the path the forward took, whatever backend is selected by the
+        # time backward runs.
+        ctx.path = path
+        ctx.args = (max_seqlen, list(sections), theta, softmax_scale)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad, _grad_lse):
+        q, k, v, out, lse, positions, cu_seqlens = ctx.saved_tensors
+        max_seqlen, sections, theta, scale = ctx.args
+        with torch._C._AutoDispatchBelowAutograd():
+            dq, dk, dv = _backward_op_for(ctx.path)(
+                grad.contiguous(), q, k, v, out, lse, positions, cu_seqlens, max_seqlen,
+                sections, theta, scale,
+            )  # fmt: skip
+        return None, dq, dk, dv, None, None, None, None, None, None
+
+
+def _forward_autograd(q, k, v, positions, cu_seqlens, max_seqlen, sections, theta=10000.0,
+                      softmax_scale=None):  # fmt: skip
+    # rope_attention_forward's Autograd kernel (the dispatcher drops arguments equal to
+    # their defaults, hence the defaults here).
+    path = _path(q, cu_seqlens)
+    args = (q, k, v, positions, cu_seqlens, max_seqlen, sections, theta, softmax_scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _RopeAttentionFunction.apply(path, *args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _forward_op_for(path)(*args)
+
+
+def _backward_autograd(grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections,
+                       theta, softmax_scale):  # fmt: skip
+    # rope_attention_backward's Autograd kernel: a direct call takes the backward of the
+    # path a forward with these inputs would take.
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (grad, q, k, v, out)):
+        raise RuntimeError(
+            "omnivmed::rope_attention_backward is not differentiable (rope_attention has no "
+            "double backward); call it under torch.no_grad() or on tensors that do not "
+            "require grad"
+        )
+    with torch._C._AutoDispatchBelowAutograd():
+        return _backward_op_for(_path(q, cu_seqlens))(
+            grad, q, k, v, out, lse, positions, cu_seqlens, max_seqlen, sections, theta,
+            softmax_scale,
+        )  # fmt: skip
+
+
+# Ops of this namespace with no CPU kernel: the CUDA backends (fused in C++, flash and
+# composite declared below). Every other op has a CPU kernel in the C++ library.
+CUDA_ONLY_OPS = (
+    "_rope_attention_fused_forward",
+    "_rope_attention_fused_backward",
+    "_rope_attention_flash_forward",
+    "_rope_attention_flash_backward",
+    "_rope_attention_composite_forward",
+    "_rope_attention_composite_backward",
+)
+_FORWARD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor positions, Tensor cu_seqlens, int max_seqlen, "
+    "int[] sections, float theta, float? softmax_scale) -> (Tensor, Tensor)"
+)
+_BACKWARD_SCHEMA = (
+    "(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor positions, "
+    "Tensor cu_seqlens, int max_seqlen, int[] sections, float theta, float? softmax_scale) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+
+
+def _register():
     # Held in a module global: the definitions live as long as the library object.
     lib = torch.library.Library("omnivmed", "FRAGMENT")
-    lib.define(
-        "_rope_attention_flash_forward(Tensor q, Tensor k, Tensor v, Tensor positions, "
-        "Tensor cu_seqlens, int max_seqlen, int[] sections, float theta, "
-        "float? softmax_scale) -> (Tensor, Tensor)"
-    )
-    lib.define(
-        "_rope_attention_flash_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, "
-        "Tensor lse, Tensor positions, Tensor cu_seqlens, int max_seqlen, int[] sections, "
-        "float theta, float? softmax_scale) -> (Tensor, Tensor, Tensor)"
-    )
-    lib.impl("_rope_attention_flash_forward", _flash_forward, "CUDA")
-    lib.impl("_rope_attention_flash_backward", _flash_backward, "CUDA")
-    torch.library.register_fake("omnivmed::_rope_attention_flash_forward", _forward_fake, lib=lib)
-    torch.library.register_fake("omnivmed::_rope_attention_flash_backward", _backward_fake, lib=lib)
+    for name, forward, backward in (
+        ("flash", _flash_forward, _flash_backward),
+        ("composite", _composite_forward, _composite_backward_kernel),
+    ):
+        for kind, kernel, fake, schema in (
+            ("forward", forward, _forward_fake, _FORWARD_SCHEMA),
+            ("backward", backward, _backward_fake, _BACKWARD_SCHEMA),
+        ):
+            op = f"_rope_attention_{name}_{kind}"
+            lib.define(op + schema)
+            lib.impl(op, kernel, "CUDA")
+            torch.library.register_fake(f"omnivmed::{op}", fake, lib=lib)
+    for op in ("_rope_attention_fused_forward", "rope_attention_forward"):
+        torch.library.register_fake(f"omnivmed::{op}", _forward_fake, lib=lib)
+    for op in ("_rope_attention_fused_backward", "rope_attention_backward"):
+        torch.library.register_fake(f"omnivmed::{op}", _backward_fake, lib=lib)
+    lib.impl("rope_attention_forward", _forward_autograd, "Autograd")
+    lib.impl("rope_attention_backward", _backward_autograd, "Autograd")
     return lib
 
 
 if library_loaded():
-    _flash_library = _define_flash_ops()
-    _FLASH_FORWARD = torch.ops.omnivmed._rope_attention_flash_forward.default
-    _FLASH_BACKWARD = torch.ops.omnivmed._rope_attention_flash_backward.default
-    _forward = "omnivmed::rope_attention_forward"
-    _backward_op = "omnivmed::rope_attention_backward"
-    torch.library.register_kernel(_forward, "cpu")(_forward_cpu)
-    torch.library.register_kernel(_forward, "cuda")(_forward_cuda)
-    torch.library.register_fake(_forward)(_forward_fake)
-    torch.library.register_autograd(_forward, _backward, setup_context=_setup_context)
-    torch.library.register_kernel(_backward_op, "cpu")(_backward_cpu)
-    torch.library.register_kernel(_backward_op, "cuda")(_backward_cuda)
-    torch.library.register_fake(_backward_op)(_backward_fake)
-    for _fused in (
-        "omnivmed::_rope_attention_fused_forward",
-        "omnivmed::_rope_attention_fused_backward",
-    ):
-        torch.library.register_fake(_fused)(
-            _forward_fake if "forward" in _fused else _backward_fake
-        )
+    _library = _register()

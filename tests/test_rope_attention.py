@@ -584,3 +584,169 @@ def test_flash_matches_fused_on_a_vision_pack():
     with omnivmed_ext.attention.use_cuda_backend("fused"):
         fused = omnivmed_ext.rope_attention(q, k, v, pos, cu, m, sections)
     torch.testing.assert_close(flash.float(), fused.float(), atol=2e-2, rtol=0)
+
+
+# --- one owner per op: the C++ library's CPU kernels, Python's per-call CUDA choice ------
+
+
+def previous_python_cpu_path(grad, q, k, v, pos, cu, sections, scale):
+    """The CPU path as it was written in Python before it moved into the C++ library:
+    rope_nd, then torch's CPU flash attention one item at a time, forward and backward."""
+
+    def rotate(x, inverse=False):
+        return torch.ops.omnivmed.rope_nd(x, pos, sections, 1e4, inverse)
+
+    def heads_first(x):
+        return x.transpose(0, 1).unsqueeze(0)
+
+    rq, rk = rotate(q), rotate(k)
+    out = torch.zeros_like(q)
+    lse = q.new_zeros((q.shape[1], q.shape[0]), dtype=torch.float32)
+    grads = [torch.zeros_like(x) for x in (q, k, v)]
+    items = [(a, b) for a, b in itertools.pairwise(cu.tolist()) if b > a]
+    for a, b in items:
+        o, item_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            *(heads_first(x[a:b]) for x in (rq, rk, v)), 0.0, False, scale=scale
+        )
+        out[a:b], lse[:, a:b] = o[0].transpose(0, 1), item_lse[0]
+    for a, b in items:
+        item = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            *(heads_first(x[a:b].contiguous()) for x in (grad, rq, rk, v, out)),
+            lse[:, a:b].unsqueeze(0).contiguous(), 0.0, False, scale=scale,
+        )  # fmt: skip
+        for dst, src in zip(grads, item, strict=True):
+            dst[a:b] = src[0].transpose(0, 1)
+    return out, lse, (rotate(grads[0], True), rotate(grads[1], True), grads[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "lengths",
+    [[1], [97], [0, 5, 5, 5, 0, 33, 33, 1], [196] * 6 + [17, 300, 300]],
+    ids=["one token", "97", "empty and repeated", "images"],
+)
+def test_cpu_op_equals_the_previous_python_path(dtype, lengths):
+    # Runs of equal-length items go to ATen as one batch: the numbers must not change.
+    q, k, v, pos, cu, m = make_inputs(lengths, 3, 72, dtype, "cpu")
+    sections = sections_for(72, True)
+    grad = torch.randn_like(q)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = torch.ops.omnivmed.rope_attention_forward(*ins, pos, cu, m, sections, 1e4, 0.2)
+    out.backward(grad)
+    want_out, want_lse, want_grads = previous_python_cpu_path(grad, q, k, v, pos, cu, sections, 0.2)
+    tight = (
+        {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 1e-5}
+    )
+    torch.testing.assert_close(out, want_out, **tight)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-6)
+    for got, want in zip((t.grad for t in ins), want_grads, strict=True):
+        torch.testing.assert_close(got, want, **tight)
+    # And both against float64, by the suite's error rule.
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = rope_attention_reference(*ref_in, pos, cu, sections, softmax_scale=0.2)
+    ref.backward(grad.double())
+    atol = 1e-5 if dtype == torch.float32 else 1e-3
+    assert err(out, ref) <= 2 * err(want_out, ref) + atol
+    for got, want, previous in zip(ins, ref_in, want_grads, strict=True):
+        assert err(got.grad, want.grad) <= 2 * err(previous, want.grad) + atol
+
+
+def test_cpu_op_opcheck_with_empty_items_and_runs():
+    q, k, v, pos, cu, m = make_inputs([0, 4, 4, 4, 1, 0, 9], 2, 64, torch.float32, "cpu")
+    sections = [8, 12, 12]
+    forward = torch.ops.omnivmed.rope_attention_forward.default
+    torch.library.opcheck(forward, (q.requires_grad_(), k, v, pos, cu, m, sections, 1e4, None))
+    out, lse = forward(q.detach(), k, v, pos, cu, m, sections, 1e4, None)
+    torch.library.opcheck(
+        torch.ops.omnivmed.rope_attention_backward.default,
+        (torch.randn_like(q), q.detach(), k, v, out, lse, pos, cu, m, sections, 1e4, None),
+    )
+
+
+def test_every_op_has_a_cpu_kernel_or_is_documented_cuda_only():
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("omnivmed::")]
+    for op in ("rope_nd", "l1_prune", "l1_prune_padded", "rope_attention", "rope_attention_forward",
+               "rope_attention_backward"):  # fmt: skip
+        assert f"omnivmed::{op}" in names
+    cuda_only = {f"omnivmed::{n}" for n in omnivmed_ext.attention.CUDA_ONLY_OPS}
+    assert cuda_only <= set(names)
+    for name in names:
+        has_cpu = any(
+            torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+            for key in ("CPU", "CompositeImplicitAutograd")
+        )
+        assert has_cpu != (name in cuda_only), f"{name}: CPU kernel {has_cpu}"
+        dump = torch._C._dispatch_dump(name)
+        if ".py:" not in dump.splitlines()[2]:  # "debug: registered at <where the schema is>"
+            # Declared in C++, so its kernels are C++'s too: none comes from Python.
+            # (A CPU-only build has no kernel at all for the CUDA-only ones.)
+            kernels = [line for line in dump.splitlines()
+                       if line.startswith(("CPU:", "CUDA:", "CompositeImplicitAutograd"))]  # fmt: skip
+            assert not any(".py:" in line for line in kernels), dump
+    q, k, v, pos, cu, m = make_inputs([4], 2, 64, torch.float16, "cpu")
+    with pytest.raises(NotImplementedError, match=r"_rope_attention_fused_forward.*'CPU' backend"):
+        torch.ops.omnivmed._rope_attention_fused_forward(q, k, v, pos, cu, m, [8, 12, 12])
+
+
+def test_cuda_backend_is_chosen_per_call_on_fake_cuda_tensors(monkeypatch):
+    # The choice happens in Python above the CUDA kernels and reads shapes only, so fake
+    # CUDA tensors show which op each call reaches, with or without a GPU.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.name()
+            if name.startswith("omnivmed::") and name != "omnivmed::rope_nd":
+                self.seen.append(name.split("::")[1].replace("_rope_attention_", ""))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(omnivmed_ext.attention, "require_library", lambda *args: None)
+    attention = omnivmed_ext.attention
+    try:
+        mode = FakeTensorMode()
+        with mode:
+            torch.empty(1, device="cuda")
+    except (RuntimeError, AssertionError) as exc:
+        pytest.skip(f"no fake CUDA tensors in this torch build: {exc}")
+    sections = [8, 12, 12]
+    for backend, dtype, path in [
+        ("flash", torch.bfloat16, "flash"),
+        ("fused", torch.float16, "fused"),
+        ("composite", torch.bfloat16, "composite"),
+        ("flash", torch.float32, "composite"),
+        ("fused", torch.float32, "composite"),
+    ]:
+        with mode:
+            q, k, v = (
+                torch.randn(12, 2, 64, dtype=dtype, device="cuda", requires_grad=True)
+                for _ in range(3)
+            )
+            pos = torch.zeros(12, 3, dtype=torch.int32, device="cuda")
+            cu = torch.zeros(3, dtype=torch.int32, device="cuda")
+            ops = Ops()
+            with attention.use_cuda_backend(backend), ops:
+                out, lse = torch.ops.omnivmed.rope_attention_forward(
+                    q, k, v, pos, cu, 7, sections, 1e4, None
+                )
+            other = "composite" if backend == "fused" else "fused"
+            with attention.use_cuda_backend(other), ops:  # backward: the forward's path
+                out.grad_fn.apply(torch.ones_like(out), None)
+            with attention.use_cuda_backend(backend), ops:
+                with torch.no_grad():
+                    torch.ops.omnivmed.rope_attention(q, k, v, pos, cu, 7, sections, 1e4, None)
+                detached = [t.detach() for t in (out, q, k, v)]
+                torch.ops.omnivmed.rope_attention_backward(
+                    detached[0], *detached[1:], detached[0], lse, pos, cu, 7, sections, 1e4, None
+                )
+                with torch.inference_mode():
+                    attention.rope_attention(*detached[1:], pos, cu, 7, sections,
+                                             check_seqlens=False)  # fmt: skip
+        assert ops.seen == [f"{path}_forward", f"{path}_backward"] * 2 + [f"{path}_forward"], (
+            backend,
+            dtype,
+        )

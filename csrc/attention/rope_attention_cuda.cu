@@ -12,13 +12,12 @@
 
 #include "../rope/rope_math.h"
 #include "../rope/rope_nd.h"
+#include "rope_attention.h"
 #include "rope_attention_cuda.h"
 
 namespace omnivmed {
 namespace attention {
 namespace {
-
-constexpr int kSupportedHeadDims[] = {64, 72, 80, 96, 128};
 
 template <typename pos_t>
 __global__ void cos_sin_table_kernel(const pos_t* __restrict__ positions, int64_t tokens,
@@ -38,39 +37,27 @@ __global__ void cos_sin_table_kernel(const pos_t* __restrict__ positions, int64_
   }
 }
 
+// The fused kernel's own limits first (RuntimeError, as this op always raised), then the
+// checks every backend shares (rope_attention_checks.cpp).
 void check_fused_args(const char* op, const at::Tensor& q, const at::Tensor& k,
                       const at::Tensor& v, const at::Tensor& positions,
                       const at::Tensor& cu_seqlens, int64_t max_seqlen,
                       c10::IntArrayRef sections, double theta) {
-  TORCH_CHECK(q.dim() == 3, op, ": q must be [L, H, D], got ", q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op,
-              ": q, k and v must have the same shape, got ", q.sizes(), ", ", k.sizes(), ", ",
-              v.sizes());
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
               ": the fused kernel takes float16 or bfloat16, got ", q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k and v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
-              ", ", v.scalar_type());
-  bool supported = false;
-  for (int d : kSupportedHeadDims) supported |= q.size(2) == d;
-  TORCH_CHECK(supported, op, ": head dim ", q.size(2), " is not supported (64, 72, 80, 96, 128)");
-  for (const at::Tensor* t : {&k, &v, &positions, &cu_seqlens}) {
-    TORCH_CHECK(t->device() == q.device(), op,
-                ": q, k, v, positions and cu_seqlens must be on one CUDA device, got ",
-                q.device(), " and ", t->device());
+  if (q.dim() == 3) {
+    bool compiled = false;  // the head dims launch_rope_attention_* instantiate
+    for (int64_t d : kSupportedHeadDims) compiled |= q.size(2) == d;
+    TORCH_CHECK(compiled, op, ": head dim ", q.size(2),
+                " is not supported (64, 72, 80, 96, 128)");
   }
+  check_rope_attention_args(op, q, k, v, positions, cu_seqlens, max_seqlen, sections, theta);
   TORCH_CHECK(q.is_cuda(), op, ": expected CUDA tensors, got ", q.device());
-  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 2 &&
-                  cu_seqlens.scalar_type() == at::kInt,
-              op, ": cu_seqlens must be int32 [B+1] with B >= 1, got ", cu_seqlens.scalar_type(),
-              " ", cu_seqlens.sizes());
   TORCH_CHECK(cu_seqlens.size(0) - 1 <= 65535, op, ": at most 65535 items per call, got ",
               cu_seqlens.size(0) - 1);
   TORCH_CHECK(q.size(1) >= 1 && q.size(1) <= 65535, op, ": 1 to 65535 heads, got ", q.size(1));
   // Tile offsets are 32-bit in the kernels (with room for one stride past the end).
   TORCH_CHECK(q.size(0) < (int64_t(1) << 30), op, ": at most 2^30 - 1 tokens, got ", q.size(0));
-  TORCH_CHECK(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
-  rope::check_rope_nd_args(q, positions, sections, theta);
 }
 
 // Contiguous and 16-byte aligned (cp.async reads whole 16-byte chunks).
@@ -78,10 +65,6 @@ at::Tensor dense(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
   if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
   return c;
-}
-
-double resolve_scale(std::optional<double> softmax_scale, int64_t head_dim) {
-  return softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt(double(head_dim));
 }
 
 }  // namespace
@@ -156,16 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_fused_backward_cud
     c10::IntArrayRef sections, double theta, std::optional<double> softmax_scale) {
   check_fused_args("rope_attention_backward", q_in, k_in, v_in, positions, cu_seqlens,
                    max_seqlen, sections, theta);
-  TORCH_CHECK(grad_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes() &&
-                  grad_in.scalar_type() == q_in.scalar_type() &&
-                  out_in.scalar_type() == q_in.scalar_type(),
-              "rope_attention_backward: grad and out must match q (", q_in.sizes(), ", ",
-              q_in.scalar_type(), "), got ", grad_in.sizes(), " ", grad_in.scalar_type(), " and ",
-              out_in.sizes(), " ", out_in.scalar_type());
-  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == q_in.size(1) &&
-                  lse_in.size(1) == q_in.size(0) && lse_in.scalar_type() == at::kFloat,
-              "rope_attention_backward: lse must be float32 [H, L] = [", q_in.size(1), ", ",
-              q_in.size(0), "], got ", lse_in.scalar_type(), " ", lse_in.sizes());
+  check_rope_attention_backward_args("rope_attention_backward", grad_in, q_in, out_in, lse_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in), grad = dense(grad_in),
                    out = dense(out_in), lse = lse_in.contiguous();
@@ -206,7 +180,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_fused_backward_cud
   return {dq, dk, dv};
 }
 
+// The fused kernels are the library's CUDA kernels of rope_attention_forward/_backward;
+// the private names reach them directly whatever backend omnivmed_ext.attention selects.
 TORCH_LIBRARY_IMPL(omnivmed, CUDA, m) {
+  m.impl("rope_attention_forward", &rope_attention_fused_forward_cuda);
+  m.impl("rope_attention_backward", &rope_attention_fused_backward_cuda);
   m.impl("_rope_attention_fused_forward", &rope_attention_fused_forward_cuda);
   m.impl("_rope_attention_fused_backward", &rope_attention_fused_backward_cuda);
 }

@@ -15,6 +15,11 @@ void check_rope_nd_args(const at::Tensor& x, const at::Tensor& positions,
 at::Tensor rope_nd_cpu(const at::Tensor& x, const at::Tensor& positions,
                        c10::IntArrayRef sections, double theta, bool inverse);
 
+// The same kernel for callers that already checked the arguments at their own boundary
+// (rope_attention rotates q and k with it).
+at::Tensor rope_nd_cpu_unchecked(const at::Tensor& x, const at::Tensor& positions,
+                                 c10::IntArrayRef sections, double theta, bool inverse);
+
 #ifdef OMNIVMED_WITH_CUDA
 at::Tensor rope_nd_cuda(const at::Tensor& x, const at::Tensor& positions,
                         c10::IntArrayRef sections, double theta, bool inverse);

@@ -197,6 +197,11 @@ void rope_nd_cpu_kernel(const at::Tensor& x, const at::Tensor& positions, at::Te
 at::Tensor rope_nd_cpu(const at::Tensor& x, const at::Tensor& positions,
                        c10::IntArrayRef sections, double theta, bool inverse) {
   check_rope_nd_args(x, positions, sections, theta);
+  return rope_nd_cpu_unchecked(x, positions, sections, theta, inverse);
+}
+
+at::Tensor rope_nd_cpu_unchecked(const at::Tensor& x, const at::Tensor& positions,
+                                 c10::IntArrayRef sections, double theta, bool inverse) {
   TORCH_CHECK(x.device().is_cpu(), "rope_nd_cpu: expected CPU tensors, got ", x.device());
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (x.numel() == 0) return out;
