@@ -6,8 +6,9 @@ give clear errors):
 - :func:`rope_nd`: multi-axis rotary position embedding over (t, h, w), forward and
   backward.
 - :func:`rope_attention`: attention inside each packed item with rotary q/k, forward and
-  backward: a fused flash-attention-style CUDA kernel (fp16/bf16) or `rope_nd` + SDPA per
-  item (CPU, and the default CUDA backend; see :mod:`omnivmed_ext.attention`).
+  backward: on CPU `rope_nd` + ATen's flash attention per item; on CUDA `rope_nd` + torch's
+  varlen flash attention over the pack (the default), a fused kernel (fp16/bf16) or
+  `rope_nd` + SDPA per item (see :mod:`omnivmed_ext.attention`).
 - :func:`l1_prune` / :func:`l1_prune_padded`: medical-aware token pruning of repeated
   slices and frames, with compaction (the padded form never synchronises with a GPU).
 
