@@ -23,9 +23,8 @@ from tqdm import tqdm
 from ..data.records import Record, load_records
 from ..inference.prompting import left_pad, prompt_ids
 from ..processing.processor import Media, OmniVMedProcessor
+from ..run_folder import RUN_FILE
 from .profiles import ScoringError
-
-RUN_FILE = "run.json"
 
 
 def _question(record: Record) -> str:

@@ -17,10 +17,9 @@ from .text import normalize
 
 logger = logging.getLogger(__name__)
 
+# The reference fields results are grouped by. Which evaluation fields a record may carry,
+# and what each holds, is data/records.py's to say.
 GROUP_FIELDS = ("dataset", "modality", "answer_type", "question_type")
-# The evaluation fields a reference record may carry (data/records.py keeps them too).
-EVAL_FIELDS = ("answer", "dataset", "split", "modality", "answer_type", "choices",
-               "answer_choice", "question_type", "language", "source_id")  # fmt: skip
 
 
 # Bounds on what one file may ask of the scorer (docs/metrics.md, "Input limits"): a

@@ -5,7 +5,6 @@ reads it back, so both see the same tokens for the same file."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import typed_fields
 from .intensity import INTENSITY_MODES
 from .readers import DEFAULT_MAX_BYTES, DEFAULT_MAX_SECONDS
 
@@ -57,7 +57,7 @@ class ProcessorOptions:
     video_frames: int | None = None
     max_video_frames: int = 32
     intensity: str = "auto"
-    ct_window: str | None = None
+    ct_window: str | tuple[float, float] | None = None  # a window name or (level, width)
     prune: bool = True
     prune_threshold: float = 0.1
     prune_mode: str = "previous"
@@ -129,22 +129,10 @@ class ProcessorOptions:
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], where: str = "media settings") -> ProcessorOptions:
-        """From a YAML/JSON mapping: unknown keys are an error that lists the known ones."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: expected a mapping of settings, got {data!r}")
-        fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise ValueError(f"{where}: unknown settings {unknown}; known: {list(fields)}")
-        values = dict(data)
-        for name, value in data.items():  # YAML reads 1e-3 as a string
-            if isinstance(value, str) and fields[name].startswith(("int", "float")):
-                with contextlib.suppress(ValueError):  # else the range check names it
-                    values[name] = float(value)
-        try:
-            return cls(**values)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
+        """From a YAML/JSON mapping, each value converted by its field's type (numbers
+        written as strings, lists for tuples); unknown keys are an error that lists the
+        known ones, and every error starts with `where`."""
+        return typed_fields.from_mapping(cls, data, where)
 
     def save(self, directory: str | Path) -> Path:
         """Write the settings next to a saved model (`processor_config.json`), so inference

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .distributed import barrier
+from ..distributed import barrier
+from ..run_folder import RUN_FILE
 
 MANIFEST = "manifest.json"
-RUN_FILE = "run.json"
 LOCK_FILE = ".omnivmed.lock"
 
 

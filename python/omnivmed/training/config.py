@@ -15,6 +15,7 @@ import yaml
 
 from ..models.parts import trainable_module_names
 from ..processing.processor import ProcessorOptions
+from ..typed_fields import coerce_fields, field_hints, unknown_keys
 
 
 class ConfigError(ValueError):
@@ -70,7 +71,13 @@ class StageConfig:
     lora: dict[str, Any] | None = None  # e.g. {r: 16, alpha: 32, dropout: 0.05}
 
     def __post_init__(self) -> None:
-        self._coerce_types()
+        # Values from YAML and --set are converted and checked by their fields' types
+        # first (PyYAML reads 1e-3 as a string; `media` arrives as a mapping and gets
+        # ProcessorOptions' own checks), so the range checks below see numbers.
+        try:
+            coerce_fields(self)
+        except ValueError as exc:
+            raise ConfigError(f"stage {self.name!r}: {exc}") from None
         if not self.output_dir:
             self.output_dir = f"runs/{self.name}"
         if self.max_steps is not None and self.max_steps <= 0:
@@ -94,10 +101,6 @@ class StageConfig:
                     f"stage {self.name!r}: {key} must be positive and finite, got {value}"
                 )
         for module, value in self.module_lr.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(
-                    f"stage {self.name!r}: module_lr[{module!r}] must be a number, got {value!r}"
-                )
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(
                     f"stage {self.name!r}: module_lr[{module!r}] must be positive and finite, got {value}"
@@ -116,15 +119,6 @@ class StageConfig:
             raise ConfigError(
                 f"stage {self.name!r}: save_every must be >= 0, got {self.save_every}"
             )
-        if isinstance(self.media, dict):  # from YAML: checked by its owner
-            try:
-                self.media = ProcessorOptions.from_mapping(
-                    self.media, f"stage {self.name!r}: media"
-                )
-            except (ValueError, TypeError) as exc:
-                raise ConfigError(str(exc)) from None
-        elif not isinstance(self.media, ProcessorOptions):
-            raise ConfigError(f"stage {self.name!r}: media must be a mapping of settings")
         if not (math.isfinite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
             raise ConfigError(
                 f"stage {self.name!r}: warmup_ratio must be in [0, 1), got {self.warmup_ratio}"
@@ -149,31 +143,6 @@ class StageConfig:
                 )
         if self.on_error not in ("raise", "skip"):
             raise ConfigError(f"stage {self.name!r}: on_error must be 'raise' or 'skip'")
-
-    def _coerce_types(self) -> None:
-        """YAML reads 1e-3 as a string and users write 2 for 2.0: convert numbers, and say
-        clearly which field has a value of the wrong kind."""
-        for f in dataclasses.fields(self):
-            value, kind = getattr(self, f.name), str(f.type)
-            if value is None and "None" in kind:
-                continue
-            try:
-                if kind.startswith("float"):
-                    setattr(self, f.name, float(value))
-                elif kind.startswith("int"):
-                    if isinstance(value, bool) or float(value) != int(float(value)):
-                        raise ValueError
-                    setattr(self, f.name, int(float(value)))
-                elif (
-                    (kind == "bool" and not isinstance(value, bool))
-                    or (kind.startswith("list") and not isinstance(value, list))
-                    or (kind.startswith("dict") and not isinstance(value, dict))
-                ):
-                    raise ValueError
-            except (TypeError, ValueError):
-                raise ConfigError(
-                    f"stage {self.name!r}: {f.name} must be {kind}, got {value!r}"
-                ) from None
 
     @property
     def allowed_keys(self) -> list[str]:
@@ -215,12 +184,12 @@ def load_stage_config(path: str | Path, **overrides: Any) -> StageConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings")
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    allowed = {f.name for f in dataclasses.fields(StageConfig)}
-    unknown = sorted(set(raw) - allowed)
+    unknown = unknown_keys(StageConfig, raw)
     if unknown:
-        media_keys = sorted(set(unknown) & {f.name for f in dataclasses.fields(ProcessorOptions)})
+        media_keys = [k for k in unknown if k in field_hints(ProcessorOptions)]
         hint = f" ({', '.join(media_keys)} go under `media:`)" if media_keys else ""
-        raise ConfigError(f"{path}: unknown keys {unknown}{hint}; allowed keys: {sorted(allowed)}")
+        allowed = sorted(field_hints(StageConfig))
+        raise ConfigError(f"{path}: unknown keys {unknown}{hint}; allowed keys: {allowed}")
     raw.setdefault("name", path.stem)
     try:
         return StageConfig(**raw)

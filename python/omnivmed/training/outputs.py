@@ -7,7 +7,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .checkpoint import LOCK_FILE, RUN_FILE
+from ..run_folder import RUN_FILE
+from .checkpoint import LOCK_FILE
 
 # What a run writes into its folder before it has anything to keep: the folder lock and
 # the run's id. A folder holding only these is as good as empty.

@@ -24,10 +24,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data import InstructionDataset, VisualCollator, load_mixture, load_records
+from ..distributed import all_ranks_agree, barrier, init_distributed
 from ..models import build_preset
 from ..processing.processor import OmniVMedProcessor, ProcessorOptions
+from ..run_folder import RUN_FILE
 from .checkpoint import (
-    RUN_FILE,
     CheckpointError,
     OutputLock,
     load_latest,
@@ -36,7 +37,6 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ConfigError, StageConfig, check_data
-from .distributed import barrier, init_distributed
 from .sampler import ResumableBatchSampler, ResumableShardedSampler
 
 logger = logging.getLogger(__name__)
@@ -71,16 +71,6 @@ def start_fresh(out_dir: Path, rank: int) -> None:
             for f in out_dir.glob(pattern):
                 f.unlink()
     barrier()
-
-
-def _all_ranks_agree(flag: bool) -> bool:
-    """True only when every rank's flag is true (one all-reduce)."""
-    vote = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        if torch.cuda.is_available():
-            vote = vote.cuda()
-        torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MIN)
-    return bool(vote.item())
 
 
 def apply_lora(model, cfg: StageConfig) -> None:
@@ -330,7 +320,7 @@ def _locked_output(out_dir: Path, rank: int):
                 stack.enter_context(OutputLock(out_dir))
             except CheckpointError as exc:
                 error = exc
-        if not _all_ranks_agree(error is None):
+        if not all_ranks_agree(error is None):
             raise error or CheckpointError(
                 f"{out_dir} is in use by another run (rank 0 could not lock it)"
             )
@@ -430,7 +420,7 @@ def _train_stage(cfg, resume, stop_after_steps, allow_changed, rank, world) -> P
                 sampler.advance(cfg.micro_batch_size)  # consumed: a checkpoint now counts it
                 window_skipped += batch.pop("num_skipped")
                 kept_ids = batch.pop("ids")
-                if not _all_ranks_agree("input_ids" in batch):
+                if not all_ranks_agree("input_ids" in batch):
                     # Every rank skips this micro-batch together, so they stay in lockstep; what
                     # this rank held is counted as skipped, never dropped silently.
                     window_skipped += len(kept_ids)
@@ -442,7 +432,7 @@ def _train_stage(cfg, resume, stop_after_steps, allow_changed, rank, world) -> P
                     for k, v in batch.items()
                 }
                 loss = engine(**batch, use_cache=False).loss
-                if not _all_ranks_agree(bool(torch.isfinite(loss.detach()))):
+                if not all_ranks_agree(bool(torch.isfinite(loss.detach()))):
                     raise FloatingPointError(
                         f"stage {cfg.name!r}: the loss is not finite at step {step + 1} (samples "
                         f"{kept_ids} on rank {rank}, or on another rank); stopping before the update. "
