@@ -124,7 +124,9 @@ def test_field_errors_say_which_field():
 
 
 def test_unknown_and_missing_keys_and_non_mappings_are_refused():
-    with pytest.raises(FieldError, match=r"^where: unknown settings \['colour', 'size'\]; known: \['name', "):
+    with pytest.raises(
+        FieldError, match=r"^where: unknown settings \['colour', 'size'\]; known: \['name', "
+    ):
         from_mapping(Settings, {"name": "a", "size": 1, "colour": "red"}, "where")
     assert unknown_keys(Settings, {"name": "a", "size": 1, "colour": 2}) == ["colour", "size"]
     with pytest.raises(FieldError, match=r"^where: missing settings \['name'\]$"):
@@ -143,7 +145,7 @@ def test_direct_construction_converts_in_post_init():
     s = SelfChecking(steps="10", ratio="5e-2")
     assert s.steps == 10 and s.ratio == 0.05
     assert dataclasses.replace(s, steps=3.0).steps == 3
-    with pytest.raises(FieldError, match="^steps must be int, got 'ten'$"):
+    with pytest.raises(FieldError, match=r"^steps must be int, got 'ten'$"):
         SelfChecking(steps="ten")
 
 
