@@ -342,21 +342,20 @@ def bench_infer(cfg: dict, data: Path, out: Path) -> dict:
         tiny.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         cfg["media"].save(tmp)
-        model, tokenizer, options = load_for_inference(tmp, device=cfg["device"].type)
-        models = [("tiny (saved)", model, tokenizer, options)]
+        model, processor = load_for_inference(tmp, device=cfg["device"].type)
+        models = [("tiny (saved)", model, processor)]
     if cfg["preset"] != "tiny":
         big, big_tok = build_preset(cfg["preset"])
-        models.append(
-            (cfg["preset"], big.to(cfg["device"], cfg["dtype"]).eval(), big_tok, cfg["media"])
-        )
-    for name, model, tokenizer, options in models:
+        big = big.to(cfg["device"], cfg["dtype"]).eval()
+        models.append((cfg["preset"], big, OmniVMedProcessor(big.config, big_tok, cfg["media"])))
+    for name, model, processor in models:
         for kind, path in media.items():
             for prune in (True, False):
-                opts = options.replace(prune=prune)
-                answer_questions(model, tokenizer, kind, path, ["warm up"], opts, max_new_tokens=2)
+                proc = processor.with_options(processor.options.replace(prune=prune))
+                answer_questions(model, proc, kind, path, ["warm up"], max_new_tokens=2)
                 start = time.perf_counter()
                 a = answer_questions(
-                    model, tokenizer, kind, path, ["What is shown?"], opts, max_new_tokens=16
+                    model, proc, kind, path, ["What is shown?"], max_new_tokens=16
                 )[0]
                 results.append({"model": name, "kind": kind.name.lower(), "prune": prune,
                                 "seconds": time.perf_counter() - start, "visual_tokens": a.visual_tokens})  # fmt: skip

@@ -29,7 +29,7 @@ def _png(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _serve(model, tokenizer, options, batch: int):
+def _serve(model, processor, batch: int):
     import uvicorn
 
     from omnivmed.serving.app import ServeSettings, create_app
@@ -37,7 +37,7 @@ def _serve(model, tokenizer, options, batch: int):
     settings = ServeSettings(
         max_batch_size=batch, max_wait_ms=10 if batch > 1 else 0, max_concurrent=1024
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(model, tokenizer, options, settings),
+    server = uvicorn.Server(uvicorn.Config(create_app(model, processor, settings),
                                            host="127.0.0.1", port=0, log_level="error"))  # fmt: skip
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -102,15 +102,16 @@ def main(argv=None) -> None:
     if not 1 <= args.clients <= 256 or not 1 <= args.seconds <= 600:
         raise SystemExit("--clients must be 1..256 and --seconds 1..600")
     from omnivmed.models import build_preset
-    from omnivmed.processing.processor import ProcessorOptions
+    from omnivmed.processing.processor import OmniVMedProcessor, ProcessorOptions
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = build_preset(args.preset)
     model = model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     options = ProcessorOptions(max_pixels=448 * 448 if args.preset != "tiny" else 64 * 64)
+    processor = OmniVMedProcessor(model.config, tokenizer, options)
     rows = []
     for batch in (1, 8):
-        server, thread, port = _serve(model, tokenizer, options, batch)
+        server, thread, port = _serve(model, processor, batch)
         row = {"preset": args.preset, "clients": args.clients, "max_batch_size": batch,
                **_load(port, args.clients, args.seconds, args.max_tokens)}  # fmt: skip
         row["generate_calls"] = server.config.app.state.engine.batches

@@ -56,7 +56,7 @@ def _count(ids: torch.Tensor, tokenizer, token: str) -> int:
 
 # ---- special tokens in user text ---------------------------------------------------------
 def test_user_text_never_becomes_chat_template_tokens(tiny):
-    from omnivmed.inference.prompting import prompt_ids
+    from omnivmed.processing.prompt import prompt_ids
 
     model, tokenizer = tiny
     image_token = model.config.image_token

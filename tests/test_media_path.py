@@ -135,7 +135,8 @@ def test_training_and_inference_see_the_same_visual_tokens(tiny, tmp_path):
     )
     for key, value in train.model_inputs().items():
         torch.testing.assert_close(infer.model_inputs()[key], value, rtol=0, atol=0)
-    answer = answer_questions(model.eval(), tok, VisualKind.VOLUME, path, ["what?"], saved, 2)[0]
+    processor = OmniVMedProcessor(model.config, tok, saved)
+    answer = answer_questions(model.eval(), processor, VisualKind.VOLUME, path, ["what?"], 2)[0]
     assert (answer.visual_tokens, answer.visual_tokens_unpruned) == (
         train.token_counts[0],
         train.unpruned_counts[0],

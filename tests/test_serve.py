@@ -28,7 +28,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from media_bytes import data_url, png_bytes  # noqa: E402
 
 from omnivmed.models import build_preset  # noqa: E402
-from omnivmed.processing.processor import ProcessorOptions  # noqa: E402
+from omnivmed.processing.processor import OmniVMedProcessor, ProcessorOptions  # noqa: E402
 from omnivmed.serving.app import ServeSettings, create_app  # noqa: E402
 
 KEY = "test-key"
@@ -54,7 +54,7 @@ def server(tmp_path_factory):
     settings = ServeSettings(media_root=root, api_key=KEY, max_request_bytes=2 * 2**20,
                              max_media_bytes=2**20, max_tokens=64, max_concurrent=16,
                              max_batch_size=4, max_wait_ms=50)  # fmt: skip
-    app = create_app(model, tokenizer, options, settings)
+    app = create_app(model, OmniVMedProcessor(model.config, tokenizer, options), settings)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)

@@ -338,7 +338,7 @@ def test_a_release_asked_for_during_another_runs_once_more(monkeypatch):
 
 
 def test_a_draw_follows_temperature_and_top_p():
-    from omnivmed.serving.engine import draw
+    from omnivmed.inference.generate import draw
 
     logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))
     g = torch.Generator().manual_seed(0)

@@ -27,42 +27,36 @@ from ..extras import CHART_MODULE, NO_CHART, installed
 from . import DATA_ROOT_HELP
 
 
-def _media_settings(args):
+def _processor(args):
+    """The processor that counts tokens: the one saved with --model, else --preset's with
+    a stage's media settings; `--set media.SETTING=VALUE` overrides a setting."""
+    import torch
+
     from ..configs import packaged_config
-    from ..processing.options import ProcessorOptions
+    from ..models import build_preset
+    from ..processing.processor import OmniVMedProcessor
     from ..training.config import load_stage_config
 
     if args.model:
-        options = ProcessorOptions.from_dir(args.model)
+        if not (Path(args.model) / "config.json").is_file():
+            raise FileNotFoundError(f"{args.model}: no saved model here (config.json missing)")
+        from ..models import OmniVMedConfig
+
+        config = OmniVMedConfig.from_pretrained(args.model)
+        processor = OmniVMedProcessor.from_pretrained(args.model, config)
     else:
-        config = Path(args.config) if args.config else packaged_config("stage3")
-        options = load_stage_config(config, name="tokens").media
+        config_file = Path(args.config) if args.config else packaged_config("stage3")
+        options = load_stage_config(config_file, name="tokens").media
+        with torch.device("meta"):  # shapes only: nothing allocated, nothing downloaded
+            model, tokenizer = build_preset(args.preset)
+        processor = OmniVMedProcessor(model.config, tokenizer, options)
     changes = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep or not key.startswith("media."):
             raise ValueError(f"--set {item!r}: expected media.SETTING=VALUE")
         changes[key.removeprefix("media.")] = yaml.safe_load(value)
-    return options.replace(**changes) if changes else options
-
-
-def _model_config(args):
-    """The architecture's config (patch size, connector, strategy decide token counts)."""
-    import torch
-
-    from ..models import build_preset
-
-    if args.model:
-        from transformers import AutoTokenizer
-
-        if not (Path(args.model) / "config.json").is_file():
-            raise FileNotFoundError(f"{args.model}: no saved model here (config.json missing)")
-        from ..models import OmniVMedConfig
-
-        return OmniVMedConfig.from_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
-    with torch.device("meta"):  # shapes only: nothing allocated, nothing downloaded
-        model, tokenizer = build_preset(args.preset)
-    return model.config, tokenizer
+    return processor.with_options(processor.options.replace(**changes)) if changes else processor
 
 
 def _records(path: Path, root: str | None, processor):
@@ -78,12 +72,10 @@ def _records(path: Path, root: str | None, processor):
 def tokens(args) -> int:
     from ..data.files import output_folder
     from ..prep.token_stats import token_statistics, write_report
-    from ..processing.processor import OmniVMedProcessor
 
     out = output_folder(args.out)
-    options = _media_settings(args)
-    config, tokenizer = _model_config(args)
-    processor = OmniVMedProcessor(config, tokenizer, options)
+    processor = _processor(args)
+    options = processor.options
     records = _records(Path(args.data), args.data_root, processor)
     rows, failed = token_statistics(records, processor)
     if not rows:  # a table of nothing would read as "no visual tokens"

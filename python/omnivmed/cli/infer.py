@@ -76,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         for question in args.question:  # the medium comes from its flag, never from the text
             refuse_markers(question, f"-q {question!r}")
         start = time.perf_counter()
-        model, tokenizer, saved = load_for_inference(args.model, args.device, args.dtype)
+        model, processor = load_for_inference(args.model, args.device, args.dtype)
         loaded = time.perf_counter() - start
-        options = _options(args, saved)
-        answers = answer_questions(model, tokenizer, kind, path, args.question, options,
+        processor = processor.with_options(_options(args, processor.options))
+        answers = answer_questions(model, processor, kind, path, args.question,
                                    args.max_new_tokens)  # fmt: skip
     except MediaError as exc:  # names the file; the flag says what it was given as
         print(f"omnivmed-infer: --{kind.name.lower()} {exc}", file=sys.stderr)

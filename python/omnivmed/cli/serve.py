@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.read_timeout > 0:
             raise ValueError("--read-timeout must be a positive number of seconds")
         api_key = resolve_api_key(args.api_key, args.api_key_file)
-        model, tokenizer, options = load_for_inference(args.model, device=args.device)
+        model, processor = load_for_inference(args.model, device=args.device)
         settings = ServeSettings(
             model_name=args.served_model_name, media_root=Path(args.media_root) if args.media_root else None,
             api_key=api_key, max_request_bytes=int(args.max_request_mb * 2**20),
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             max_prompt_tokens=args.max_prompt_tokens, max_concurrent=args.max_concurrent,
             max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         )  # fmt: skip
-        app = create_app(model, tokenizer, options, settings)
+        app = create_app(model, processor, settings)
         config = uvicorn_config(app, args.host, args.port, settings.read_timeout, log_level="info")
     except (ValueError, OSError, ImportError) as exc:
         print(f"omnivmed-serve: {exc}", file=sys.stderr)

@@ -156,12 +156,12 @@ def run_demo(output_dir: Path) -> None:
         stages.append(cfg)
     final = run_stages(stages)
     # As a user would: the exported folder alone (weights, tokenizer, processor settings).
-    model, tokenizer, options = load_for_inference(final, device="cpu")
+    model, processor = load_for_inference(final, device="cpu")
     print("\nquestions after stage 3:")
     for kind, key, question in ((VisualKind.IMAGE, "image", "What is the imaging modality?"),
                                 (VisualKind.VOLUME, "volume", "What is shown?"),
                                 (VisualKind.VIDEO, "video", "What is shown?")):  # fmt: skip
-        ans = answer_question(model, tokenizer, kind, paths[key], question, options)
+        ans = answer_question(model, processor, kind, paths[key], question)
         print(f"- {kind.name.lower():6s} {paths[key].name}: {question!r} -> {ans.text!r}  "
               f"[visual tokens: {ans.visual_tokens} with pruning, {ans.visual_tokens_unpruned} without]")  # fmt: skip
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; model: {final}")

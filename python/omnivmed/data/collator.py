@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..processing.prompt import IGNORE_INDEX
+from ..processing.visual_batch import VisualBatch
 
 
 class VisualCollator:
@@ -54,25 +55,7 @@ class VisualCollator:
                 cols = slice(longest - n, longest) if self.padding_side == "left" else slice(0, n)
                 ids[i, cols], labels[i, cols], mask[i, cols] = s["input_ids"], s["labels"], 1
             batch.update(input_ids=ids, labels=labels, attention_mask=mask)
-        batch.update(concat_visual([s["visual"] for s in kept]))
+        visual = VisualBatch.concat([s["visual"] for s in kept])
+        if visual.num_items:
+            batch.update(visual.model_inputs())
         return batch
-
-
-def concat_visual(visuals) -> dict[str, torch.Tensor]:
-    """The model's visual inputs for several samples' VisualBatches, in sample order."""
-    if all(v.visual_kinds.numel() == 0 for v in visuals):
-        return {}
-    lengths = torch.cat([torch.diff(v.visual_cu_seqlens.long()) for v in visuals])
-    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(lengths, 0)
-    out = {
-        "pixel_values": torch.cat([v.pixel_values for v in visuals]),
-        "visual_positions": torch.cat([v.visual_positions for v in visuals]),
-        "visual_cu_seqlens": cu,
-        "visual_kinds": torch.cat([v.visual_kinds for v in visuals]),
-        "visual_grids": torch.cat([v.visual_grids for v in visuals]),
-    }
-    volumes = [v.volumes for v in visuals if v.volumes is not None]
-    if volumes:
-        out["volumes"] = torch.cat(volumes)
-    return out

@@ -1,14 +1,16 @@
 """LLaVA-style instruction records, from JSON (a list) or JSONL (one record per line).
 
     {"id": "ct-001", "volumes": ["ct/001.nii.gz"], "conversations": [
-        {"from": "human", "value": "<image3d>\\nWhat organ is shown?"},
+        {"from": "human", "value": "VOLUME\\nWhat organ is shown?"},
         {"from": "gpt", "value": "The liver."}]}
+
+(VOLUME stands for `VisualKind.VOLUME.marker`.)
 
 Media lists: "images", "volumes", "videos" (plus LLaVA's single "image" / "video"). The
 order of items in a sample follows the markers in the conversation: each marker takes the
-next item of its own kind (<image> images, <video> videos, <image3d> volumes; a sample
-with only one kind may use <image> for all). Paths are relative to the data root and
-must stay inside it.
+next item of its own kind (the markers are `VisualKind.marker`, models/kinds.py; a sample
+with only one kind may use the image marker for all). Paths are relative to the data root
+and must stay inside it.
 """
 
 from __future__ import annotations
@@ -16,23 +18,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models.kinds import VisualKind
+from ..models.kinds import MARKER_PATTERN, VisualKind
 from ..processing.intensity import INTENSITY_MODES
 from .files import UnsafePathError, inside_root
 
 _KIND_KEYS = {"images": VisualKind.IMAGE, "image": VisualKind.IMAGE, "videos": VisualKind.VIDEO,
               "video": VisualKind.VIDEO, "volumes": VisualKind.VOLUME, "volume": VisualKind.VOLUME}  # fmt: skip
-_MARKER_KIND = {
-    "<image>": VisualKind.IMAGE,
-    "<video>": VisualKind.VIDEO,
-    "<image3d>": VisualKind.VOLUME,
-}
-_MARKER_RE = re.compile("<image3d>|<image>|<video>")
 logger = logging.getLogger(__name__)
 
 
@@ -167,7 +162,9 @@ def parse_record(
             ]
     kinds_present = [k for k in VisualKind if by_kind[k]]
     markers = [
-        _MARKER_KIND[m] for turn in convs for m in _MARKER_RE.findall(str(turn.get("value", "")))
+        VisualKind.from_marker(m)
+        for turn in convs
+        for m in MARKER_PATTERN.findall(str(turn.get("value", "")))
     ]
     total = sum(len(v) for v in by_kind.values())
     if len(markers) != total:
@@ -177,7 +174,7 @@ def parse_record(
     for marker_kind in markers:
         kind = marker_kind
         if marker_kind == VisualKind.IMAGE and len(kinds_present) == 1:
-            kind = kinds_present[0]  # a plain <image> marker in a one-kind sample
+            kind = kinds_present[0]  # a plain image marker in a one-kind sample
         if used[kind] >= len(by_kind[kind]):
             raise RecordError(
                 f"sample {sample_id!r}: more {kind.name.lower()} markers than {kind.name.lower()} files"

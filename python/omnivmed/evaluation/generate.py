@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 from ..data.records import Record, load_records
-from ..inference.prompting import left_pad, prompt_ids
+from ..distributed import barrier, join_launched_group
+from ..inference.generate import Prompt, Sampling, build_prompt, generate
 from ..processing.processor import Media, OmniVMedProcessor
 from ..run_folder import RUN_FILE
 from .profiles import ScoringError
@@ -65,75 +66,59 @@ def blank_pixels(pixel_values: torch.Tensor, mean, std) -> torch.Tensor:
     return out.view_as(pixel_values)
 
 
-def _prepare(processor: OmniVMedProcessor, tokenizer, record: Record, blank_visual: bool):
-    """(prompt token ids, visual batch or None) of one record."""
+def _prepare(processor: OmniVMedProcessor, record: Record, blank_visual: bool) -> Prompt:
+    """The prompt of one record, with its media read and pruned."""
     question = _question(record)
-    visual, counts = None, []
+    visual = None
     if record.media:
         media = [Media(kind, path, options) for kind, path, options in record.media]
         visual = processor.encode_media(media, record.id)
         if blank_visual:
             o = processor.options
             visual.pixel_values = blank_pixels(visual.pixel_values, o.image_mean, o.image_std)
-        counts = list(visual.token_counts)
-    ids = prompt_ids(tokenizer, [{"role": "user", "content": question}], counts,
-                     processor.config.image_token, record.id)  # fmt: skip
-    processor.check_length(ids.numel(), sum(counts), record.id)
-    return ids, visual
+    prompt = build_prompt(processor, [{"role": "user", "content": question}], visual, record.id)
+    counts = visual.token_counts if visual is not None else []
+    processor.check_length(prompt.input_ids.numel(), sum(counts), record.id)
+    return prompt
 
 
-def _prepare_each(processor: OmniVMedProcessor, tokenizer, records: list[Record], blank_visual: bool,
-                  on_error: str) -> tuple[list[Record], list, list[dict[str, str]]]:  # fmt: skip
-    """(records kept, their prepared inputs, skipped {"id", "error"}): under
-    `on_error="skip"` a record whose media or prompt is bad is left out, not fatal."""
-    kept, prepared, skipped = [], [], []
+def _prepare_each(processor: OmniVMedProcessor, records: list[Record], blank_visual: bool,
+                  on_error: str) -> tuple[list[Record], list[Prompt], list[dict[str, str]]]:  # fmt: skip
+    """(records kept, their prompts, skipped {"id", "error"}): under `on_error="skip"` a
+    record whose media or prompt is bad is left out, not fatal."""
+    kept, prompts, skipped = [], [], []
     for record in records:
         try:
-            prepared.append(_prepare(processor, tokenizer, record, blank_visual))
+            prompts.append(_prepare(processor, record, blank_visual))
         except ValueError as exc:  # MediaError, ConversationError, a token limit
             if on_error != "skip":
                 raise
             skipped.append({"id": record.id, "error": str(exc)})
             continue
         kept.append(record)
-    return kept, prepared, skipped
+    return kept, prompts, skipped
 
 
-@torch.no_grad()
-def answer_records(model, tokenizer, processor: OmniVMedProcessor, records: list[Record],
-                   max_new_tokens: int, blank_visual: bool = False,
+def answer_records(model, processor: OmniVMedProcessor, records: list[Record], max_new_tokens: int,
+                   blank_visual: bool = False,
                    on_error: str = "raise") -> tuple[list[dict[str, Any]], list[dict[str, str]]]:  # fmt: skip
-    """(predictions, skipped records): greedy answers to several records in one
-    `generate` call: prompts left-padded, every record's media read and pruned once, the
-    visual inputs concatenated in order. Each answer equals the one the record gets alone
-    (tested)."""
-    from ..data.collator import concat_visual
-
-    device = next(model.parameters()).device
-    records, prepared, skipped = _prepare_each(
-        processor, tokenizer, records, blank_visual, on_error
-    )
+    """(predictions, skipped records): greedy answers to several records decoded together
+    (`inference.generate`), every record's media read and pruned once. Each answer equals
+    the one the record gets alone (tested)."""
+    records, prompts, skipped = _prepare_each(processor, records, blank_visual, on_error)
     if not records:
         return [], skipped
-    pad = tokenizer.pad_token_id
-    input_ids, mask = left_pad([ids for ids, _ in prepared], pad)
-    longest = input_ids.shape[1]
-    visuals = [v for _, v in prepared if v is not None]
-    visual_inputs = concat_visual(visuals) if visuals else {}
-    visual_inputs = {k: v.to(device) for k, v in visual_inputs.items()}
     start = time.perf_counter()
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                         **visual_inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    rows = generate(model, processor.tokenizer, prompts, Sampling(max_new_tokens))
     seconds = (time.perf_counter() - start) / len(records)
-    rows = []
-    for i, (record, (_, visual)) in enumerate(zip(records, prepared, strict=True)):
-        text = tokenizer.decode(out[i, longest:], skip_special_tokens=True)
-        rows.append({"id": record.id, "prediction": text.strip(),
-                     "visual_tokens": sum(visual.token_counts) if visual else 0,
-                     "visual_tokens_unpruned": sum(visual.unpruned_counts) if visual else 0,
-                     "seconds": seconds})  # fmt: skip
-    return rows, skipped
+    out = []
+    for record, prompt, row in zip(records, prompts, rows, strict=True):
+        visual = prompt.visual
+        out.append({"id": record.id, "prediction": row.text.strip(),
+                    "visual_tokens": sum(visual.token_counts) if visual else 0,
+                    "visual_tokens_unpruned": sum(visual.unpruned_counts) if visual else 0,
+                    "seconds": seconds})  # fmt: skip
+    return out, skipped
 
 
 @dataclass
@@ -141,13 +126,6 @@ class BenchmarkRun:
     predictions: Path  # the merged predictions file
     answered: int  # records answered by this process in this run
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"id", "error"}, this process
-
-
-def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    return int(os.environ.get("RANK", "0")), world
 
 
 def run_benchmark(model_dir: str | Path, benchmark: str | Path, out_dir: str | Path, *,
@@ -164,7 +142,7 @@ def run_benchmark(model_dir: str | Path, benchmark: str | Path, out_dir: str | P
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     out_dir = output_folder(out_dir, "--out")
-    rank, world = _distributed()
+    rank, world = join_launched_group()
     records = load_records(benchmark, data_root)
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = [r.id for r in records]
@@ -175,8 +153,8 @@ def run_benchmark(model_dir: str | Path, benchmark: str | Path, out_dir: str | P
         records = records[:limit]
     if device == "auto" and torch.cuda.is_available() and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
-    model, tokenizer, options = load_for_inference(model_dir, device=device)
-    processor = OmniVMedProcessor(model.config, tokenizer, options)
+    model, processor = load_for_inference(model_dir, device=device)
+    options = processor.options
     settings = {"model": str(Path(model_dir).resolve()), "benchmark": str(Path(benchmark).resolve()),
                 "max_new_tokens": max_new_tokens, "decoding": "greedy", "batch_size": batch_size, "blank_visual": blank_visual,
                 "world_size": world, "media": json.loads(json.dumps(options.__dict__, default=str)),
@@ -197,15 +175,13 @@ def run_benchmark(model_dir: str | Path, benchmark: str | Path, out_dir: str | P
     # Ids answered by any earlier run of this folder count as done, whatever its world size.
     # Every rank must read the same done ids (the shards are cut after them), so none
     # appends before all have read.
-    if world > 1:
-        torch.distributed.barrier()
+    barrier()
     part = out_dir / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.partial.jsonl")
     done = _done_ids(part)
     for other in _part_files(out_dir):
         if other != part:
             done |= _done_ids(other, repair=False)
-    if world > 1:
-        torch.distributed.barrier()
+    barrier()
     todo = [r for r in records if r.id not in done][rank::world]
     bar = tqdm(total=len(todo), desc=f"eval rank {rank}", disable=not progress or rank != 0)
     answered, skipped = 0, []
@@ -215,7 +191,7 @@ def run_benchmark(model_dir: str | Path, benchmark: str | Path, out_dir: str | P
         for b in range(0, len(todo), batch_size):
             chunk = todo[b : b + batch_size]
             rows, left_out = answer_records(
-                model, tokenizer, processor, chunk, max_new_tokens, blank_visual, on_error
+                model, processor, chunk, max_new_tokens, blank_visual, on_error
             )
             answered, skipped = answered + len(rows), skipped + left_out
             for row in rows:
@@ -223,8 +199,7 @@ def run_benchmark(model_dir: str | Path, benchmark: str | Path, out_dir: str | P
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(chunk))
-    if world > 1:
-        torch.distributed.barrier()
+    barrier()
     final = out_dir / "predictions.jsonl"
     if rank == 0:
         rows = {}
@@ -240,6 +215,5 @@ def run_benchmark(model_dir: str | Path, benchmark: str | Path, out_dir: str | P
                 if r.id in rows:
                     f.write(json.dumps(rows[r.id], ensure_ascii=False) + "\n")
         tmp.replace(final)
-    if world > 1:
-        torch.distributed.barrier()
+    barrier()
     return BenchmarkRun(final, answered, skipped)

@@ -6,6 +6,9 @@ from typing import Any, ClassVar
 
 from transformers import AutoConfig, PretrainedConfig
 
+from .parts import ModelParts  # the parts own their names and their rules
+from .registry import LLMS
+
 # Rotary sections (t, h, w) per head dim: t gets a quarter of the pairs or less (slices and
 # frames are few), h and w share the rest equally, as Qwen2-VL splits its 3D rotary.
 DEFAULT_ROPE_SECTIONS: dict[int, tuple[int, int, int]] = {
@@ -266,9 +269,6 @@ class OmniVMedConfig(PretrainedConfig):
         if isinstance(encoder3d_config, dict):
             encoder3d_config = OmniVMedEncoder3DConfig(**encoder3d_config)
         self.encoder3d_config = encoder3d_config
-        from .parts import ModelParts  # the parts own their names and their rules
-        from .registry import LLMS
-
         LLMS.check(self.text_config.model_type)
         self.vision_encoder = vision_encoder
         self.connector = connector

@@ -48,10 +48,9 @@ class VisionEncoder:
     def vision_config_from_pretrained(
         cls, hf_config: Any, **overrides: Any
     ) -> OmniVMedVisionConfig:
-        """The vision config for a checkpoint's own config (a SigLIP config by default)."""
-        from .configuration import OmniVMedVisionConfig
-
-        return OmniVMedVisionConfig.from_siglip(hf_config, **overrides)
+        """The vision config for a checkpoint's own config (an encoder that loads
+        checkpoints says how it reads theirs)."""
+        raise NotImplementedError(f"vision encoder {cls.registered_name!r} loads no checkpoints")
 
     def load_pretrained(self, path: str | Path) -> dict[str, list[str]]:
         """Load a checkpoint directory; returns {"loaded", "skipped", "missing"} key lists."""

@@ -17,6 +17,9 @@ from .intensity import INTENSITY_MODES
 from .readers import DEFAULT_MAX_BYTES, DEFAULT_MAX_SECONDS
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
+# processor_config.json also holds, under this key, what the processor takes from the
+# model config (written by OmniVMedProcessor.save_pretrained); the settings are the rest.
+MODEL_SECTION = "model_config"
 PRUNE_MODES = ("previous", "last_kept")  # l1_prune's modes
 
 
@@ -151,6 +154,8 @@ class ProcessorOptions:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != MODEL_SECTION}
         if isinstance(data, dict) and data.get("prune_threshold", 0.0) is None:
             data.pop("prune_threshold")  # written before the threshold had its own default
         try:

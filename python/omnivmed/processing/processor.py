@@ -1,10 +1,17 @@
 """The processor: media files and a conversation -> model inputs with exact placeholder
 counts. One place that ties reading, intensity, resizing, patchify + prune, the token cap
-and prompts; training, `omnivmed-infer` and the Python inference API all go through
-`encode_media`, so they see the same visual tokens for the same file and settings."""
+and prompts; training, `omnivmed-infer`, `omnivmed-eval`, `omnivmed-serve` and the Python
+inference API all go through `encode_media`, so they see the same visual tokens for the
+same file and settings.
+
+A processor saves itself next to its model (`save_pretrained`: the tokenizer and
+`processor_config.json`) and is read back from there (`from_pretrained`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +25,49 @@ from ..models.kinds import VisualKind
 from ..models.parts import ModelParts
 from .errors import MediaError, sample_prefix
 from .intensity import to_encoder_input, to_unit_range
-from .options import PROCESSOR_CONFIG_NAME, ProcessorOptions
+from .options import MODEL_SECTION, PROCESSOR_CONFIG_NAME, ProcessorOptions
 from .prompt import expand_markers, to_messages, tokenize_conversation
 from .readers import read_image, read_video, read_volume
 from .resize import resize_frames, snap_size, uniform_indices
 from .visual_batch import VisualBatch, VisualItem, pack_visual_items
 
 __all__ = ["PROCESSOR_CONFIG_NAME", "Media", "OmniVMedProcessor", "ProcessorOptions", "ReadMedium"]
+
+# The model's config fields a processor leaves out: the LLM's own config decides no visual
+# token, and transformers' bookkeeping (the version, the dtype and attention kernel a model
+# happens to be loaded with, where it was loaded from, the class's own model type) says
+# nothing about processing.
+_NOT_PROCESSING = {"self", "kwargs", "text_config", "transformers_version", "dtype", "torch_dtype",
+                   "_name_or_path", "architectures", "_attn_implementation",
+                   "_attn_implementation_autoset", "_commit_hash", "model_type"}  # fmt: skip
+
+
+def _plain(value: Any) -> Any:
+    """A config value as JSON holds it (sub-configs as their non-default fields)."""
+    if hasattr(value, "to_diff_dict"):
+        return {k: v for k, v in value.to_diff_dict().items() if k not in _NOT_PROCESSING}
+    return json.loads(json.dumps(value))
+
+
+def processing_config(config: OmniVMedConfig) -> dict[str, Any]:
+    """What a processor takes from a model config: every field `OmniVMedConfig` is built
+    from but the LLM's config (the parts, their settings, the vision configs, the
+    placeholder). Read from the constructor, so a field added there is saved too."""
+    names = inspect.signature(OmniVMedConfig.__init__).parameters
+    return {n: _plain(getattr(config, n)) for n in names if n not in _NOT_PROCESSING}
+
+
+def _difference(saved: Any, current: Any, where: str) -> str | None:
+    """The first field where two processing configs differ, with both values."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current)):
+            found = _difference(saved.get(key), current.get(key), f"{where}.{key}")
+            if found:
+                return found
+        return None
+    if saved != current:
+        return f"{where} is {saved!r} here but {current!r} in the model's config"
+    return None
 
 
 @dataclass
@@ -63,6 +106,68 @@ class OmniVMedProcessor:
                 f"{self.fixed_size[1]} frames, which are not multiples of {self.multiple} "
                 f"(patch size x the connector's/pruning's block size)"
             )
+
+    def with_options(self, options: ProcessorOptions) -> OmniVMedProcessor:
+        """The same model config and tokenizer, reading media with other settings."""
+        return OmniVMedProcessor(self.config, self.tokenizer, options)
+
+    # ---- saving ------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """The tokenizer's files and `processor_config.json` (every media setting, and
+        what the processor takes from the model config) in `folder`, as
+        `from_pretrained` reads them back. Returns the config file's path."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(folder)
+        data = {**dataclasses.asdict(self.options), MODEL_SECTION: processing_config(self.config)}
+        path = folder / PROCESSOR_CONFIG_NAME
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, config: OmniVMedConfig | None = None
+    ) -> OmniVMedProcessor:
+        """The processor `save_pretrained` wrote in `folder`. `config`: the config of the
+        model it serves, which must agree with the saved one (a processor saved with
+        another model is an error naming the field). A folder written before processors
+        saved themselves (no processor_config.json, or one of media settings only) takes
+        the model's config (`config`, else the folder's config.json) and its saved media
+        settings, or the defaults when it has none."""
+        from transformers import AutoTokenizer
+
+        from ..models.loading import ModelLoadError
+
+        folder = Path(folder)
+        path = folder / PROCESSOR_CONFIG_NAME
+        options = ProcessorOptions.from_dir(folder)  # media settings, old files included
+        saved = json.loads(path.read_text()).get(MODEL_SECTION) if path.is_file() else None
+        if saved is not None:
+            if not isinstance(saved, dict):
+                raise ModelLoadError(f"{path}: {MODEL_SECTION} must be an object, got {saved!r}")
+            if config is None:
+                try:
+                    config = OmniVMedConfig(**saved)
+                except (TypeError, ValueError, KeyError) as exc:
+                    raise ModelLoadError(
+                        f"{path}: {MODEL_SECTION} is not a usable config ({exc})"
+                    ) from exc
+            else:
+                found = _difference(saved, processing_config(config), MODEL_SECTION)
+                if found:
+                    raise ModelLoadError(f"{path}: saved with another model: {found}")
+        elif config is None:
+            if not (folder / "config.json").is_file():
+                raise ModelLoadError(
+                    f"{folder}: no processor here (neither {PROCESSOR_CONFIG_NAME} with its "
+                    f"{MODEL_SECTION} nor the model's config.json)"
+                )
+            config = OmniVMedConfig.from_pretrained(folder)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as exc:  # a folder without its tokenizer files
+            raise ModelLoadError(f"{folder}: the tokenizer cannot be loaded ({exc})") from exc
+        return cls(config, tokenizer, options)
 
     # ---- media -------------------------------------------------------------------------
     def read(self, media: Media) -> ReadMedium:
@@ -163,7 +268,7 @@ class OmniVMedProcessor:
         budget = o.max_pixels
         while True:
             items = [self.to_item(r, c, budget) for r, c in zip(read, chosen, strict=True)]
-            batch = pack_visual_items(items, self.config, o, prune)
+            batch = pack_visual_items(items, self.config, o, prune, self.parts)
             total = sum(batch.token_counts)
             if total <= cap:
                 return batch

@@ -1,9 +1,11 @@
-"""Conversations -> token ids and labels, through the tokenizer's chat template.
+"""Conversations -> token ids, through the tokenizer's chat template: labelled ids for
+training (`tokenize_conversation`) and the prompt of a generation (`prompt_ids`), so both
+read a chat the same way.
 
-Each visual item is marked once in a human turn (`<image>`, `<video>` or MedM-VL's
-`<image3d>`), wherever it stands; the marker is expanded to exactly as many placeholder
-tokens as the item gives visual tokens. Labels are -100 except on the assistant's
-answers (and their end-of-turn token).
+Each visual item is marked once in a human turn by its kind's marker (`VisualKind.marker`,
+models/kinds.py), wherever it stands; the marker is expanded to exactly as many
+placeholder tokens as the item gives visual tokens. Labels are -100 except on the
+assistant's answers (and their end-of-turn token).
 
 Only the chat template's own text and the visual placeholders become special tokens: the
 text of every turn is encoded with special tokens read as plain text, so a turn that
@@ -18,10 +20,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..models.kinds import MARKER_PATTERN, MARKERS
 from .errors import sample_prefix
 
-MARKERS = ("<image3d>", "<image>", "<video>")
-_MARKER_RE = re.compile("|".join(re.escape(m) for m in MARKERS))
 _ROLES = {
     "human": "user",
     "user": "user",
@@ -37,12 +38,12 @@ class ConversationError(ValueError):
 
 
 def count_markers(text: str) -> int:
-    return len(_MARKER_RE.findall(text))
+    return len(MARKER_PATTERN.findall(text))
 
 
 def refuse_markers(text: str, where: str) -> None:
     """Text that must not mark media (a question about a medium given separately)."""
-    found = _MARKER_RE.search(text)
+    found = MARKER_PATTERN.search(text)
     if found:
         raise ConversationError(
             f"{where}: {found.group()} is reserved for marking a medium; leave it out of the text"
@@ -89,7 +90,7 @@ def expand_markers(messages: list[dict[str, str]], token_counts: Sequence[int], 
         if m["role"] != "user" and count_markers(m["content"]):
             raise ConversationError(f"{where}visual markers are allowed in human turns only")
         out.append(
-            {**m, "content": _MARKER_RE.sub(lambda _: image_token * next(counts), m["content"])}
+            {**m, "content": MARKER_PATTERN.sub(lambda _: image_token * next(counts), m["content"])}
         )
     return out
 
@@ -183,3 +184,13 @@ def tokenize_conversation(
             after = after[closing[k] :]
         add(template(after), False)
     return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+def prompt_ids(tokenizer, messages: list[dict[str, str]], token_counts: Sequence[int], image_token: str,
+               sample_id: str | None = None) -> torch.Tensor:  # fmt: skip
+    """`[L]` ids of a chat to answer (markers replaced by their visual placeholders),
+    ending with the template's generation prompt. The messages' text never becomes special
+    tokens: only the template's own text and the placeholders do (as in training)."""
+    chat = expand_markers(messages, list(token_counts), image_token, sample_id)
+    ids, _ = tokenize_conversation(tokenizer, chat, image_token, add_generation_prompt=True)
+    return ids

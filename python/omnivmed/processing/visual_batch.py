@@ -3,6 +3,7 @@ patchify, prune slices and frames, count each item's LLM tokens."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,31 @@ class VisualBatch:
     token_counts: list[int] = field(default_factory=list)
     unpruned_counts: list[int] = field(default_factory=list)
 
+    @property
+    def num_items(self) -> int:
+        return self.visual_kinds.numel()
+
+    @classmethod
+    def concat(cls, batches: Sequence[VisualBatch]) -> VisualBatch:
+        """Several samples' batches as one, items in order (a batch of several prompts
+        hands the model every sample's items in the order of its rows)."""
+        if not batches:
+            raise ValueError("VisualBatch.concat needs at least one batch")
+        lengths = torch.cat([torch.diff(b.visual_cu_seqlens.long()) for b in batches])
+        cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(lengths, 0)
+        volumes = [b.volumes for b in batches if b.volumes is not None]
+        return cls(
+            pixel_values=torch.cat([b.pixel_values for b in batches]),
+            visual_positions=torch.cat([b.visual_positions for b in batches]),
+            visual_cu_seqlens=cu,
+            visual_kinds=torch.cat([b.visual_kinds for b in batches]),
+            visual_grids=torch.cat([b.visual_grids for b in batches]),
+            volumes=torch.cat(volumes) if volumes else None,
+            token_counts=[n for b in batches for n in b.token_counts],
+            unpruned_counts=[n for b in batches for n in b.unpruned_counts],
+        )
+
     def model_inputs(self) -> dict[str, torch.Tensor]:
         out = {
             "pixel_values": self.pixel_values,
@@ -59,14 +85,16 @@ def pack_visual_items(
     config: OmniVMedConfig,
     options: ProcessorOptions | None = None,
     prune: bool | None = None,
+    parts: ModelParts | None = None,
 ) -> VisualBatch:
     """Patchify every item, prune slices/frames where the parts allow it (`options.prune`,
     `prune_threshold`, `prune_mode`; `prune` overrides the first), and pack them in order.
-    `token_counts[i]` is how many placeholders item i needs."""
+    `token_counts[i]` is how many placeholders item i needs. `parts`: the config's parts
+    when the caller holds them already (a processor does)."""
     options = options or ProcessorOptions()
     prune = options.prune if prune is None else prune
     threshold = options.prune_threshold
-    parts = ModelParts.of(config)
+    parts = parts or ModelParts.of(config)
     ps = config.vision_config.patch_size
     values, positions, lengths, kinds, grids, volumes = [], [], [], [], [], []
     counts, unpruned = [], []

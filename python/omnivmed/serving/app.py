@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..inference.prompting import prompt_ids
+from ..inference.generate import build_prompt
 from ..processing.errors import MediaError
 from ..processing.processor import Media, OmniVMedProcessor
 from .engine import Engine, Job
@@ -108,13 +108,13 @@ def _unauthorized() -> RequestError:
     )
 
 
-def create_app(model, tokenizer, options, settings: ServeSettings):
+def create_app(model, processor: OmniVMedProcessor, settings: ServeSettings):
+    """The server's app over `model` and the processor saved with it (`load_for_inference`)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
-    processor = OmniVMedProcessor(model.config, tokenizer, options)
-    engine = Engine(model, tokenizer, settings.max_batch_size, settings.max_wait_ms)
+    engine = Engine(model, processor.tokenizer, settings.max_batch_size, settings.max_wait_ms)
     limits = MediaLimits(settings.max_media_parts, settings.max_media_per_message)
 
     @contextlib.asynccontextmanager
@@ -139,7 +139,7 @@ def create_app(model, tokenizer, options, settings: ServeSettings):
             except MediaError as exc:
                 raise RequestError(400, str(exc)) from None
             counts = list(visual.token_counts)
-        ids = prompt_ids(tokenizer, parsed.messages, counts, model.config.image_token)
+        ids = build_prompt(processor, parsed.messages, visual).input_ids
         if ids.numel() > settings.max_prompt_tokens:
             raise RequestError(422, f"the prompt has {ids.numel()} tokens ({sum(counts)} visual); "
                                     f"this server allows {settings.max_prompt_tokens}")  # fmt: skip

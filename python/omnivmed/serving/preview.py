@@ -20,7 +20,7 @@ def preview(processor: OmniVMedProcessor, media: Media) -> dict[str, Any]:
     item = processor.to_item(processor.read(media))
     frames = item.frames  # [F, C, H, W], normalised
     patch = processor.config.vision_config.patch_size
-    batch = pack_visual_items([item], processor.config, o, prune=True)
+    batch = pack_visual_items([item], processor.config, o, prune=True, parts=processor.parts)
     grid_h, grid_w = frames.shape[-2] // patch, frames.shape[-1] // patch
     kept = np.zeros((frames.shape[0], grid_h, grid_w), dtype=bool)
     t_of = {t: i for i, t in enumerate(item.t_values)} if item.t_values else None

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..models.kinds import VisualKind
+from ..inference.generate import Sampling
+from ..models.kinds import MARKER_PATTERN, VisualKind
 
-_MARKER = {VisualKind.IMAGE: "<image>", VisualKind.VIDEO: "<video>", VisualKind.VOLUME: "<image3d>"}
 # OpenAI's image part, vLLM's video part, and our volume part (a NIfTI file or a DICOM
 # series: a folder under the media root, or uploaded as .nii.gz / a zip of .dcm files).
 PART_KINDS = {
@@ -44,15 +44,6 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str, code: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
-
-
-@dataclass
-class Sampling:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: list[str]
-    seed: int | None
 
 
 @dataclass
@@ -303,7 +294,7 @@ def parse_messages(
                     spec = part.get(kind_name)
                     url = spec.get("url") if isinstance(spec, dict) else spec
                     media.append((kind, resolve(kind, url)))
-                    pieces.append(_MARKER[kind])
+                    pieces.append(kind.marker)
                 else:
                     raise RequestError(
                         400,
@@ -321,7 +312,9 @@ def parse_messages(
 
 
 def _no_markers(text: str, index: int) -> None:
-    if re.search(r"<image3d>|<image>|<video>", text):
+    if MARKER_PATTERN.search(text):
         raise RequestError(
-            400, f"messages[{index}]: marker text such as <image> is reserved; send media as parts"
+            400,
+            f"messages[{index}]: marker text such as {VisualKind.IMAGE.marker} is reserved; "
+            "send media as parts",
         )

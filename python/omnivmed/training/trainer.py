@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..data import InstructionDataset, VisualCollator, load_mixture, load_records
 from ..distributed import all_ranks_agree, barrier, init_distributed
 from ..models import build_preset
-from ..processing.processor import OmniVMedProcessor, ProcessorOptions
+from ..processing.processor import OmniVMedProcessor
 from ..run_folder import RUN_FILE
 from .checkpoint import (
     CheckpointError,
@@ -159,9 +159,8 @@ def deepspeed_config(cfg: StageConfig) -> dict[str, Any]:
     }
 
 
-def build_dataset(cfg: StageConfig, model, tokenizer):
+def build_dataset(cfg: StageConfig, processor: OmniVMedProcessor):
     check_data(cfg)
-    processor = OmniVMedProcessor(model.config, tokenizer, cfg.media)
     if cfg.data.endswith((".yaml", ".yml")):
         return load_mixture(cfg.data, processor, on_error=cfg.on_error)
     return InstructionDataset(
@@ -352,7 +351,9 @@ def _train_stage(cfg, resume, stop_after_steps, allow_changed, rank, world) -> P
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
     model, tokenizer = load_initial_model(cfg)
-    dataset = build_dataset(cfg, model, tokenizer)
+    # The one processor of the stage: it reads the data and is saved with the model.
+    processor = OmniVMedProcessor(model.config, tokenizer, cfg.media)
+    dataset = build_dataset(cfg, processor)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.lora is not None:
@@ -491,7 +492,7 @@ def _train_stage(cfg, resume, stop_after_steps, allow_changed, rank, world) -> P
     final = out_dir / "final"
     write_fingerprint(engine, out_dir / f"fingerprint_rank{rank}.json", cfg.zero_stage, step)
     if step >= total_steps:
-        export(engine, tokenizer, final, cfg.zero_stage, rank, cfg.media)
+        export(engine, processor, final, cfg.zero_stage, rank)
     barrier()
     return final
 
@@ -516,13 +517,11 @@ def write_fingerprint(engine, path: Path, zero_stage: int, step: int) -> None:
     path.write_text(json.dumps({"step": step, "sha256": digest.hexdigest(), "sum": total}))
 
 
-def export(
-    engine, tokenizer, path: Path, zero_stage: int, rank: int, options: ProcessorOptions
-) -> None:
+def export(engine, processor: OmniVMedProcessor, path: Path, zero_stage: int, rank: int) -> None:
     """save_pretrained (safetensors) of the whole model, gathered under ZeRO-3, with its
-    tokenizer and processor settings: written to a temporary folder, then renamed, so a
-    kill leaves either the previous export or the whole new one. Non-finite weights are
-    never exported."""
+    processor (tokenizer and processor_config.json): written to a temporary folder, then
+    renamed, so a kill leaves either the previous export or the whole new one. Non-finite
+    weights are never exported."""
     import deepspeed
 
     model = engine.module
@@ -540,8 +539,7 @@ def export(
             tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            options.save(tmp)
+            processor.save_pretrained(tmp)
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)

@@ -10,7 +10,9 @@ keeps SigLIP's learned embedding instead (interpolated to each grid, rotary off)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from ..configuration import OmniVMedVisionConfig
 from ..parts import VisionEncoder
 from ..registry import ENCODERS
 from .siglip_tower import SiglipTower
@@ -22,6 +24,12 @@ class RotaryVisionTower(VisionEncoder, SiglipTower):
     """SigLIP vision encoder with rotary (t, h, w) positions over packed items."""
 
     supports_pruning = True
+
+    @classmethod
+    def vision_config_from_pretrained(
+        cls, hf_config: Any, **overrides: Any
+    ) -> OmniVMedVisionConfig:
+        return OmniVMedVisionConfig.from_siglip(hf_config, **overrides)
 
     def load_pretrained(self, path: str | Path) -> dict[str, list[str]]:
         return load_siglip_weights(self, path)

@@ -29,7 +29,7 @@ class LocalBackend:
         from ...models.kinds import VisualKind
 
         with self.lock:
-            model, tokenizer, options = self.loaded
+            model, processor = self.loaded
             # Greedy: a local model's candidates differ through the prompt only.
-            return answer_questions(model, tokenizer, VisualKind.VIDEO, clip.path, [prompt], options,
+            return answer_questions(model, processor, VisualKind.VIDEO, clip.path, [prompt],
                                     self.max_new_tokens)[0].text  # fmt: skip
