@@ -89,9 +89,10 @@ def test_registries_reject_unknown_encoders_and_llms():
 
 
 def test_registry_names_known_connectors_exactly():
-    assert CONNECTORS.names() == ["merge_mlp", "mlp", "resampler"]
+    assert CONNECTORS.names() == ["attn_pool_mlp", "merge_mlp", "mlp", "resampler"]
     with pytest.raises(
-        ValueError, match="unknown connector 'ml'; known connectors: merge_mlp, mlp, resampler"
+        ValueError,
+        match="unknown connector 'ml'; known connectors: attn_pool_mlp, merge_mlp, mlp, resampler",
     ):
         OmniVMedConfig(connector="ml")  # no substring matching
 

@@ -64,7 +64,13 @@ def test_a_name_registers_once_and_unregisters():
 
 def test_every_kind_of_part_uses_it():
     assert ENCODERS.names() == ["rotary_siglip", "siglip"]
-    assert VOLUME_STRATEGIES.names() == ["encoder3d", "rotary", "slice_attn", "slice_avg"]
+    assert VOLUME_STRATEGIES.names() == [
+        "encoder3d",
+        "rotary",
+        "slice_attn",
+        "slice_avg",
+        "slice_concat",
+    ]
     assert "mlp" in CONNECTORS
     assert PROFILES.names() == ["llava-med", "m3d", "strict", "surgical"]
     assert PROFILES.get("strict").name == "strict"

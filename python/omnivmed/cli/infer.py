@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..models.kinds import VisualKind
 from ..processing.errors import MediaError
+from ..processing.intensity import INTENSITY_MODES
 from ..processing.prompt import refuse_markers
 
 # Flags that override a saved media setting of the same name.
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-video-frames", type=int)
     parser.add_argument("--max-sequence-length", type=int)
     parser.add_argument("--ct-window", help="CT window name (e.g. abdomen, lung, bone, brain)")
-    parser.add_argument("--intensity", help="auto, ct_window, percentile or none (already 0..1)")
+    parser.add_argument("--intensity", choices=INTENSITY_MODES,
+                        help="how volume values reach 0..1 (none: already 0..1; uint8: 0..255 grey levels)")  # fmt: skip
     parser.add_argument("--true-positions", action="store_true",
                         help="t from frame times / slice positions instead of indices")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -44,6 +44,11 @@ class OmniVMedVisionConfig(PretrainedConfig):
     layer, no learned embedding) or "learned" (SigLIP's learned absolute embedding of an
     `image_size` x `image_size` input, bicubically interpolated to other grids and added
     to the patch embeddings at each patch's (h, w); no rotary, so t carries nothing).
+
+    `use_post_layernorm`: whether the features pass SigLIP's final LayerNorm (on by
+    default, as SigLIP's `last_hidden_state`). Off, the features are the last encoder
+    layer's output before it (`hidden_states[-1]`), which is what MedM-VL feeds its
+    connector; the tower then has no such LayerNorm and its weights are not loaded.
     """
 
     model_type = "omnivmed_vision"
@@ -65,6 +70,7 @@ class OmniVMedVisionConfig(PretrainedConfig):
         attention_scope: str = "joint",
         image_size: int = 224,
         position_encoding: str = "rope",
+        use_post_layernorm: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -108,6 +114,11 @@ class OmniVMedVisionConfig(PretrainedConfig):
         if image_size < patch_size:
             raise ValueError(f"vision image_size {image_size} is below patch_size {patch_size}")
         self.image_size = image_size
+        if not isinstance(use_post_layernorm, bool):
+            raise ValueError(
+                f"use_post_layernorm must be true or false, got {use_post_layernorm!r}"
+            )
+        self.use_post_layernorm = use_post_layernorm
 
     @property
     def rotary(self) -> bool:

@@ -17,7 +17,7 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 }
 DEFAULT_CT_WINDOW = "mediastinum"
 # How volume intensities reach [0, 1] (see `to_unit_range`).
-INTENSITY_MODES = ("auto", "ct_window", "percentile", "none")
+INTENSITY_MODES = ("auto", "ct_window", "percentile", "none", "uint8")
 
 
 def window_ct(hu: np.ndarray, window: str | tuple[float, float] = DEFAULT_CT_WINDOW) -> np.ndarray:
@@ -59,8 +59,10 @@ def volume_to_unit_range(data: np.ndarray, modality: str, window: str | tuple[fl
 def to_unit_range(data: np.ndarray, modality: str, mode: str = "auto",
                   window: str | tuple[float, float] | None = None, source: str = "") -> np.ndarray:  # fmt: skip
     """Volume intensities -> [0, 1] by `mode`: "auto" (CT windowed, the rest by
-    percentiles), "ct_window", "percentile", or "none" (already in [0, 1], e.g. M3D's
-    arrays: checked, never re-normalised)."""
+    percentiles), "ct_window", "percentile", "none" (already in [0, 1], e.g. M3D's
+    arrays: checked, never re-normalised) or "uint8" (grey levels already on a 0..255
+    scale, cut to whole levels as a conversion to 8-bit integers does, then / 255: the
+    `.npy` volumes of MedM-VL's CT models; values outside [0, 256) are refused)."""
     if data.size == 0:
         raise MediaError(source, "volume is empty")
     if mode == "auto":
@@ -77,6 +79,14 @@ def to_unit_range(data: np.ndarray, modality: str, mode: str = "auto",
                 "use 'auto', 'ct_window' or 'percentile'"
             )  # fmt: skip
         return data.astype(np.float32, copy=False)
+    if mode == "uint8":
+        lo, hi = float(data.min()), float(data.max())
+        if lo < 0 or hi >= 256:
+            raise MediaError(
+                source, f"intensity 'uint8' takes grey levels in [0, 256), found [{lo:g}, {hi:g}]; "
+                "use 'auto', 'ct_window' or 'percentile'"
+            )  # fmt: skip
+        return (np.floor(data) / 255.0).astype(np.float32)
     raise ValueError(f"unknown intensity mode {mode!r}; known: {', '.join(INTENSITY_MODES)}")
 
 

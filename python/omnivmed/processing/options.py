@@ -21,6 +21,7 @@ PROCESSOR_CONFIG_NAME = "processor_config.json"
 # model config (written by OmniVMedProcessor.save_pretrained); the settings are the rest.
 MODEL_SECTION = "model_config"
 PRUNE_MODES = ("previous", "last_kept")  # l1_prune's modes
+RESIZE_RULES = ("bilinear", "pil_bicubic")  # see ProcessorOptions.resize
 
 
 @dataclass
@@ -47,6 +48,12 @@ class ProcessorOptions:
     windows CT (`ct_window`, default mediastinum) and percentile-normalises the rest;
     "ct_window", "percentile", or "none" for arrays already in [0, 1] (M3D's volumes).
 
+    Resampling (`resize`) to the size chosen above: "bilinear" resizes the float frames
+    (antialiased when shrinking); "pil_bicubic" turns each frame into 8-bit RGB and resizes
+    it with Pillow's bicubic filter before normalising, as SigLIP's image processor does
+    (the preprocessing MedM-VL's models were trained with). `image_mean` / `image_std`:
+    the encoder's normalisation of [0, 1] values.
+
     True positions (`true_positions`, off by default as in the paper): t is where a frame
     is, not its index among the sampled ones: a video frame's time in units of
     `seconds_per_t`, a slice's position along the scan in units of `mm_per_t`.
@@ -72,6 +79,7 @@ class ProcessorOptions:
     max_read_seconds: float | None = DEFAULT_MAX_SECONDS
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resize: str = "bilinear"
 
     def __post_init__(self) -> None:
         """Every value range-checked when the settings are built (flags, YAML, saved JSON)."""
@@ -114,6 +122,8 @@ class ProcessorOptions:
                 raise bad(name, "must be true or false")
         if self.prune_mode not in PRUNE_MODES:
             raise bad("prune_mode", f"must be one of {PRUNE_MODES}")
+        if self.resize not in RESIZE_RULES:
+            raise bad("resize", f"must be one of {RESIZE_RULES}")
         if self.intensity not in INTENSITY_MODES:
             raise bad("intensity", f"must be one of {INTENSITY_MODES}")
         for name in ("image_mean", "image_std"):

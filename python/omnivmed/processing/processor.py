@@ -28,7 +28,7 @@ from .intensity import to_encoder_input, to_unit_range
 from .options import MODEL_SECTION, PROCESSOR_CONFIG_NAME, ProcessorOptions
 from .prompt import expand_markers, to_messages, tokenize_conversation
 from .readers import read_image, read_video, read_volume
-from .resize import resize_frames, snap_size, uniform_indices
+from .resize import resize_frames, resize_frames_pil_bicubic, snap_size, uniform_indices
 from .visual_batch import VisualBatch, VisualItem, pack_visual_items
 
 __all__ = ["PROCESSOR_CONFIG_NAME", "Media", "OmniVMedProcessor", "ProcessorOptions", "ReadMedium"]
@@ -234,16 +234,20 @@ class OmniVMedProcessor:
         (`max_pixels`, default the options'; a fixed-size encoder takes its own size)."""
         o = self.options
         frames = list(range(medium.frames01.shape[0])) if frames is None else frames
-        x = to_encoder_input(medium.frames01[frames], o.image_mean, o.image_std,
-                             self.config.vision_config.num_channels)  # fmt: skip
+        frames01 = medium.frames01[frames]
         if self.fixed_size is not None:
             size = self.fixed_size
         else:
             budget = o.max_pixels if max_pixels is None else max_pixels
-            size = snap_size(
-                x.shape[-2], x.shape[-1], self.multiple, min(o.min_pixels, budget), budget
-            )
+            height, width = frames01.shape[1:3]
+            size = snap_size(height, width, self.multiple, min(o.min_pixels, budget), budget)
+        channels = self.config.vision_config.num_channels
         t_values = None if medium.t_values is None else [medium.t_values[i] for i in frames]
+        if o.resize == "pil_bicubic":
+            resized = resize_frames_pil_bicubic(frames01, size)
+            x = to_encoder_input(resized, o.image_mean, o.image_std, channels)
+            return VisualItem(medium.kind, x, medium.volume3d, t_values)
+        x = to_encoder_input(frames01, o.image_mean, o.image_std, channels)
         return VisualItem(medium.kind, resize_frames(x, size), medium.volume3d, t_values)
 
     def load(self, media: Media) -> VisualItem:

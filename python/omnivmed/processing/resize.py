@@ -75,6 +75,26 @@ def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
+def resize_frames_pil_bicubic(frames01: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`[F, H, W]` or `[F, H, W, C]` (C = 1 or 3) in [0, 1] -> `[F, *size, 3]` in [0, 1]:
+    each frame as 8-bit RGB (grey repeated), resized by Pillow's bicubic filter to
+    (height, width) = `size` whatever its aspect ratio, as SigLIP's image processor does.
+    Values that came from 8-bit levels (an image / 255) get exactly those levels back."""
+    from PIL import Image
+
+    x = frames01 if frames01.ndim == 4 else frames01[..., None]
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    if x.shape[-1] != 3:
+        raise ValueError(f"frames must have 1 or 3 channels, got shape {frames01.shape}")
+    levels = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+    out = np.empty((x.shape[0], size[0], size[1], 3), dtype=np.float32)
+    for i, frame in enumerate(levels):
+        resized = Image.fromarray(frame, "RGB").resize((size[1], size[0]), Image.BICUBIC)
+        out[i] = np.asarray(resized, dtype=np.float32) / 255.0
+    return out
+
+
 def uniform_indices(total: int, budget: int) -> list[int]:
     """At most `budget` indices spread evenly over range(total), first and last included."""
     if total <= 0:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..data import InstructionDataset, VisualCollator, load_mixture, load_records
 from ..distributed import all_ranks_agree, barrier, init_distributed
 from ..models import build_preset
-from ..processing.processor import OmniVMedProcessor
+from ..processing.processor import OmniVMedProcessor, ProcessorOptions
 from ..run_folder import RUN_FILE
 from .checkpoint import (
     CheckpointError,
@@ -60,7 +60,28 @@ def load_initial_model(cfg: StageConfig):
         raise ConfigError(
             f"stage {cfg.name!r}: init {cfg.init!r} is neither 'preset:<name>' nor a saved model directory"
         )
+    check_encoder_input(cfg, ProcessorOptions.from_dir(path))
     return load_saved_model(path), AutoTokenizer.from_pretrained(path)
+
+
+# How pixels reach the vision encoder: a model's weights were trained for one such rule (an
+# imported model for its release's), so a stage that continues from a saved model must name
+# the same, never fall back to the defaults silently.
+ENCODER_INPUT_SETTINGS = ("resize", "image_mean", "image_std")
+
+
+def check_encoder_input(cfg: StageConfig, saved: ProcessorOptions) -> None:
+    """Refuse a stage whose media settings feed the encoder otherwise than the saved model
+    it starts from was trained with (`ENCODER_INPUT_SETTINGS`)."""
+    changed = [k for k in ENCODER_INPUT_SETTINGS if getattr(cfg.media, k) != getattr(saved, k)]
+    if changed:
+        found = ", ".join(
+            f"{k}: {getattr(saved, k)!r} there, {getattr(cfg.media, k)!r} here" for k in changed
+        )
+        raise ConfigError(
+            f"stage {cfg.name!r}: init {cfg.init!r} was saved with other encoder input "
+            f"({found}); set them under `media:` as the model folder's processor_config.json has them"
+        )
 
 
 def start_fresh(out_dir: Path, rank: int) -> None:

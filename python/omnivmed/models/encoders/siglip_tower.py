@@ -100,7 +100,7 @@ def interpolate_position_table(table: torch.Tensor, grid: tuple[int, int]) -> to
 
 
 class SiglipTower(nn.Module):
-    """Patch embedding, (learned position embedding,) encoder layers, post-layernorm."""
+    """Patch embedding, (learned position embedding,) encoder layers, (post-layernorm)."""
 
     def __init__(self, config: OmniVMedVisionConfig) -> None:
         super().__init__()
@@ -109,7 +109,8 @@ class SiglipTower(nn.Module):
         if not config.rotary:  # SigLIP's name, so its checkpoints map one to one
             self.position_embedding = nn.Embedding(config.position_grid**2, config.hidden_size)
         self.layers = nn.ModuleList(VisionLayer(config) for _ in range(config.num_hidden_layers))
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if config.use_post_layernorm:
+            self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
 
     def compile_layers(self, **options) -> None:
@@ -155,7 +156,7 @@ class SiglipTower(nn.Module):
                 )
             else:
                 hidden = layer(hidden, positions, cu_seqlens, max_seqlen)
-        return self.post_layernorm(hidden)
+        return self.post_layernorm(hidden) if self.config.use_post_layernorm else hidden
 
     def learned_positions(self, positions: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """The learned embedding of every token at its (h, w), interpolated per item to the
