@@ -32,7 +32,8 @@ SCRIPT = textwrap.dedent(
     """
 )
 
-SILENCED = ("Setting accelerator to CPU", "No CUDA runtime is found", "Loading weights")
+SILENCED = ("Setting accelerator to CPU", "No CUDA runtime is found", "Loading weights",
+            "Writing model shards")  # fmt: skip
 
 
 @pytest.mark.slow

@@ -7,8 +7,9 @@ those libraries still shows.
   runtime is found". A CPU run expects both.
 - DeepSpeed prints "... built successfully" after it loads its shared-memory communication
   op at `init_distributed`.
-- transformers draws a "Loading weights" progress bar for every model loaded, even a tiny
-  one; a command that loads a model says so itself.
+- transformers draws a "Loading weights" progress bar for every model loaded and a "Writing
+  model shards" bar for every model saved, even a tiny one; a command that loads or saves a
+  model says so itself.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _LOG_MESSAGES = (
     ("torch.utils.cpp_extension", "No CUDA runtime is found"),
 )
 _OP_BUILT = re.compile(r"DeepSpeed \S+ built successfully\s*$")
-_QUIET_BARS = ("Loading weights",)
+_QUIET_BARS = ("Loading weights", "Writing model shards")
 
 
 class _DropMessage(logging.Filter):

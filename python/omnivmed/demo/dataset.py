@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..models.kinds import VisualKind
 from ..processing.options import ProcessorOptions
 
 # Small frames and few slices, so the demo trains in a minute or two on a CPU; stage 3
@@ -151,24 +152,24 @@ def build_demo_dataset(root: str | Path, seed: int = 0) -> dict[str, Path]:
         for f in files:
             for q in CAPTION_QUESTIONS:
                 stage1.append({"id": f"s1-{f}-{len(stage1)}", "image": f"media/{f}",
-                               "conversations": _conv("<image>", q, f"This is {what} showing {organ}.")})  # fmt: skip
+                               "conversations": _conv(VisualKind.IMAGE.marker, q, f"This is {what} showing {organ}.")})  # fmt: skip
             for q in MODALITY_QUESTIONS:
                 stage2.append({"id": f"s2-{f}-{len(stage2)}", "image": f"media/{f}",
-                               "conversations": _conv("<image>", q, f"It is {what}.")})  # fmt: skip
+                               "conversations": _conv(VisualKind.IMAGE.marker, q, f"It is {what}.")})  # fmt: skip
             q = rng.choice(ORGAN_QUESTIONS)
             stage2.append({"id": f"s2-{f}-{len(stage2)}", "image": f"media/{f}",
-                           "conversations": _conv("<image>", q, f"It shows {organ}.")})  # fmt: skip
+                           "conversations": _conv(VisualKind.IMAGE.marker, q, f"It shows {organ}.")})  # fmt: skip
     for q in MODALITY_QUESTIONS + ORGAN_QUESTIONS:
         what, organ = FACTS["mri_volume"]
         stage3.append({"id": f"s3-mri-{len(stage3)}", "volumes": ["media/mni_t1.nii.gz"],
-                       "conversations": _conv("<image3d>", q, f"This is {what}; it shows {organ}.")})  # fmt: skip
+                       "conversations": _conv(VisualKind.VOLUME.marker, q, f"This is {what}; it shows {organ}.")})  # fmt: skip
         what, organ = FACTS["ct_volume"]
         stage3.append({"id": f"s3-ct-{len(stage3)}", "volumes": [{"path": "media/ct_series", "ct_window": "mediastinum"}],
-                       "conversations": _conv("<image3d>", q, f"This is {what}; it shows {organ}.")})  # fmt: skip
+                       "conversations": _conv(VisualKind.VOLUME.marker, q, f"This is {what}; it shows {organ}.")})  # fmt: skip
         for v in videos:
             what, organ = FACTS["endoscopy"]
             stage3.append({"id": f"s3-{v}-{len(stage3)}", "videos": [f"media/{v}"],
-                           "conversations": _conv("<video>", q, f"This is {what}; it shows {organ}.")})  # fmt: skip
+                           "conversations": _conv(VisualKind.VIDEO.marker, q, f"This is {what}; it shows {organ}.")})  # fmt: skip
     stage3 += rng.sample(stage2, k=min(len(stage2), len(stage3) // 2))  # keep 2D skills
     paths = {}
     for name, records in (("stage1", stage1), ("stage2", stage2), ("stage3", stage3)):

@@ -20,6 +20,11 @@ class VisualKind(IntEnum):
         """The placeholder that stands for one item of this kind in a prompt."""
         return _MARKER_OF[self]
 
+    @property
+    def records_key(self) -> str:
+        """The field of an instruction record that lists the files of this kind."""
+        return f"{self.name.lower()}s"
+
     @classmethod
     def from_marker(cls, marker: str) -> VisualKind:
         try:

@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from ..data.files import UnsafePathError, inside_root, output_folder, write_text_atomic
 from ..data.records import default_data_root, load_records
+from ..models.kinds import VisualKind
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 EDGES = ("shift", "skip")
@@ -397,7 +398,8 @@ def cut_clips(
 
 def _as_clip_record(rec, video: str, slot: int) -> dict[str, Any]:
     conversations = [
-        {**turn, "value": turn["value"].replace("<image>", "<video>")} for turn in rec.conversations
+        {**turn, "value": turn["value"].replace(VisualKind.IMAGE.marker, VisualKind.VIDEO.marker)}
+        for turn in rec.conversations
     ]
     return {"id": f"{rec.id}-clip", "videos": [video], "conversations": conversations,
             **rec.meta, "clip_center": slot}  # fmt: skip

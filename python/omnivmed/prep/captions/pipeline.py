@@ -20,6 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ...data.files import UnsafePathError, output_folder, regular_file
+from ...models.kinds import VisualKind
 from .backends import (
     CRITERIA,
     GENERATE_PROMPT,
@@ -163,7 +164,7 @@ def run_captions(clips_file: str | Path, root: str | Path, generator: Backend, j
                 video = str(by_id[row["id"]].path.relative_to(root.resolve()))
                 f.write(json.dumps({
                     "id": f"caption-{row['id']}", "videos": [video],
-                    "conversations": [{"from": "human", "value": f"<video>\n{GENERATE_PROMPT}"},
+                    "conversations": [{"from": "human", "value": f"{VisualKind.VIDEO.marker}\n{GENERATE_PROMPT}"},
                                       {"from": "gpt", "value": row["caption"]}],
                     "caption_score": row["score"]}, ensure_ascii=False) + "\n")  # fmt: skip
     (out_dir / "captions.jsonl.tmp").replace(out_path)

@@ -34,6 +34,7 @@ from ...data.files import (
     write_text_atomic,
 )
 from ...data.records import RecordError, parse_record, summary_path
+from ...models.kinds import VisualKind
 from ...registry import Registry
 
 # Longest CSV field read, in characters: far above any report or question (csv's own
@@ -232,15 +233,16 @@ class Converter:
         return True
 
     @staticmethod
-    def record(sample_id: str, image: str | None, question: str, answer: str, *, kind: str = "images",
-               marker: str = "<image>", media_options: dict[str, Any] | None = None,
+    def record(sample_id: str, image: str | None, question: str, answer: str, *,
+               kind: VisualKind = VisualKind.IMAGE, media_options: dict[str, Any] | None = None,
                **fields: Any) -> dict[str, Any]:  # fmt: skip
-        """A one-turn record; `media_options` (e.g. {"intensity": "none"}) go with the
-        medium, as omnivmed's record format reads them."""
+        """A one-turn record about one medium of `kind` (its file `image`, marked in the
+        question); `media_options` (e.g. {"intensity": "none"}) go with the medium, as
+        omnivmed's record format reads them."""
         rec: dict[str, Any] = {"id": sample_id}
         if image is not None:
-            rec[kind] = [{"path": image, **media_options} if media_options else image]
-            question = f"{marker}\n{question}"
+            rec[kind.records_key] = [{"path": image, **media_options} if media_options else image]
+            question = f"{kind.marker}\n{question}"
         rec["conversations"] = [
             {"from": "human", "value": question},
             {"from": "gpt", "value": answer},

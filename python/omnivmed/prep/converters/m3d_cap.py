@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ...models.kinds import VisualKind
 from . import CONVERTERS, ConversionError, Converter, Problems, RefusedFileError
 from .m3d_vqa import M3D_ARRAYS
 
@@ -64,8 +65,8 @@ class M3DCap(Converter):
                     problems.add(source, f"{key}: report {entry['text']} is empty")
                     continue
                 yield self.record(
-                    f"m3d-cap-{split}-{i}", volume, PROMPT, report, kind="volumes",
-                    marker="<image3d>", media_options=M3D_ARRAYS, dataset=self.dataset,
+                    f"m3d-cap-{split}-{i}", volume, PROMPT, report,
+                    kind=VisualKind.VOLUME, media_options=M3D_ARRAYS, dataset=self.dataset,
                     split=split, modality="CT", answer_type="open", question_type="report",
                     language="en", source_id=f"{split}/{i}",
                 )  # fmt: skip

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ...models.kinds import VisualKind
 from . import CONVERTERS, Converter, Problems
 
 SPLITS = ("train", "val", "test")
@@ -43,11 +44,11 @@ class M3DVqa(Converter):
                 options = " ".join(f"{c}. {t}" for c, t in zip("ABCD", choices, strict=True))
                 yield self.record(
                     f"m3d-vqa-{split}-{i}-closed", volume, f"{r['Question'].strip()} Choices: {options}",
-                    f"{letter}. {choices['ABCD'.index(letter)]}", kind="volumes", marker="<image3d>",
+                    f"{letter}. {choices['ABCD'.index(letter)]}", kind=VisualKind.VOLUME,
                     media_options=M3D_ARRAYS, answer_type="closed", choices=choices, answer_choice=letter, **common,
                 )  # fmt: skip
                 yield self.record(
                     f"m3d-vqa-{split}-{i}-open", volume, r["Question"].strip(), r["Answer"].strip(),
-                    kind="volumes", marker="<image3d>", media_options=M3D_ARRAYS,
+                    kind=VisualKind.VOLUME, media_options=M3D_ARRAYS,
                     answer_type="open", **common,
                 )  # fmt: skip

@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ...models.kinds import VisualKind
 from . import CONVERTERS, ConversionError, Converter, Problems
 
 MEDM_VL_VOLUMES = {"intensity": "ct_window", "ct_window": [0.0, 2000.0]}
-_MARKERS = re.compile("<image3d>|<image>")
+_MARKERS = re.compile("<image3d>|<image>")  # MedM-VL's own markers, 3D first
 
 
 @CONVERTERS.register("medm-vl")
@@ -76,11 +77,11 @@ class MedMVl(Converter):
                 source, f"{key}: {len(markers)} markers for {len(images) + len(volumes)} media"
             )
             return None
-        if volumes:  # MedM-VL may mark volumes with <image>; ours is <image3d>
+        # MedM-VL may mark volumes with its image marker: in a record of volumes every marker
+        # is a volume's. (An image record marked as a volume is left for the record checks.)
+        if volumes:
             for t in turns:
-                t["value"] = (
-                    t["value"].replace("<image3d>", "<image>").replace("<image>", "<image3d>")
-                )
+                t["value"] = _MARKERS.sub(VisualKind.VOLUME.marker, t["value"])
         if not all(self.image_ok(root, p, problems, source, key) for p in images + volumes):
             return None
         if turns[-1]["from"] == "gpt":

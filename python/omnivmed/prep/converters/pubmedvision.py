@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ...models.kinds import VisualKind
 from . import CONVERTERS, Converter, Problems
 
-_MARKER = re.compile("<image>")
+_MARKER = re.compile(re.escape("<image>"))  # PubMedVision's own image marker
 
 
 class _PubMedVision(Converter):
@@ -49,16 +50,17 @@ class _PubMedVision(Converter):
                 continue
             if not all(self.image_ok(root, p, problems, source, key) for p in images):
                 continue
-            turns = [{"from": t["from"], "value": t["value"]} for t in turns]
-            markers = sum(len(_MARKER.findall(t["value"])) for t in turns)
+            ours = VisualKind.IMAGE.marker
+            turns = [{"from": t["from"], "value": _MARKER.sub(ours, t["value"])} for t in turns]
+            markers = sum(t["value"].count(ours) for t in turns)
             if markers == 0:
                 first = next((t for t in turns if t["from"] == "human"), None)
                 if first is None:
                     problems.add(source, f"{key}: no human turn")
                     continue
-                first["value"] = "<image>\n" * len(images) + first["value"]
+                first["value"] = f"{ours}\n" * len(images) + first["value"]
             elif markers != len(images):
-                problems.add(source, f"{key}: {markers} <image> markers for {len(images)} images")
+                problems.add(source, f"{key}: {markers} image markers for {len(images)} images")
                 continue
             answer = turns[-1]["value"]
             sample = str(r.get("id", i))
