@@ -60,6 +60,13 @@ def _prompt(case, model, processor):
     return build_prompt(processor, messages, visual), visual
 
 
+def _visual_tokens(case: str) -> int:
+    """How many visual tokens MedM-VL gave the case's medium (its embeddings' length less
+    the prompt's text tokens)."""
+    golden = CASES[case]
+    return golden["inputs_embeds_len"] - sum(1 for i in golden["input_ids"] if i >= 0)
+
+
 def test_lists_its_families(capsys):
     assert "medm-vl" in IMPORTERS.names()
     with pytest.raises(SystemExit) as exit_info:
@@ -220,37 +227,90 @@ def test_serve_answers_as_medm_vl(loaded):
         assert text == golden["generated_text"], case
 
 
-def test_fine_tunes_from_an_imported_folder(imported, tmp_path):
-    """An imported folder is a stage's `init`: with the release's encoder input it trains
-    and exports a folder that loads with the same processor; with the defaults it is
-    refused, naming the settings."""
+def test_viewer_shows_every_patch(loaded):
+    """The server's preview of a medium for an imported model: every frame or slice at the
+    encoder's size, nothing pruned (MedM-VL's models see every patch)."""
+    from fastapi.testclient import TestClient
+
+    from omnivmed.serving.app import ServeSettings, create_app
+
+    for case, golden in CASES.items():
+        model, processor = loaded[case]
+        part = "image_url" if KINDS[case] == VisualKind.IMAGE else "volume_url"
+        app = create_app(model, processor, ServeSettings(media_root=FIXTURES / "inputs"))
+        with TestClient(app) as client:
+            reply = client.post("/v1/omnivmed/preview",
+                                json={"type": part, "url": Path(golden["input_file"]).name})  # fmt: skip
+        assert reply.status_code == 200, reply.text
+        shown = reply.json()
+        slices = 1 if case == "2d" else int(golden["pixel_values"]["shape"][1])  # [1, D, C, H, W]
+        assert len(shown["frames"]) == slices
+        assert shown["kept_patches"] == shown["total_patches"]
+        assert shown["kept"] == shown["total"] == _visual_tokens(case)
+
+
+def test_infer_reads_the_demo_scans(imported, tmp_path, capsys):
+    """The demo's fundus photograph through the 2D model, its MNI T1 volume (NIfTI, not
+    MedM-VL's .npy grey levels) through the CT model with percentile scaling."""
+    from omnivmed.demo.dataset import build_demo_dataset
+
+    paths = build_demo_dataset(tmp_path / "demo")
+    runs = (("2d", "--image", paths["image"], []),
+            ("ct", "--volume", paths["volume"], ["--intensity", "percentile"]))  # fmt: skip
+    for case, flag, path, extra in runs:
+        rc = infer_main([str(imported[case]), flag, str(path), "-q", "What is shown?",
+                         "--max-new-tokens", "4", "--device", "cpu", "--json", *extra])  # fmt: skip
+        assert rc == 0, capsys.readouterr().err
+        report = json.loads(capsys.readouterr().out)
+        assert report["answers"][0]["visual_tokens"] == _visual_tokens(case)
+    # A CT in Hounsfield units is not the 0..255 grey levels the CT model reads: refused,
+    # naming the setting to use, never scaled by a guess.
+    import nibabel as nib
+    import numpy as np
+
+    hu = np.linspace(-1000, 1000, 24 * 20 * 4, dtype=np.float32).reshape(24, 20, 4)
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / "hu.nii.gz")
+    rc = infer_main([str(imported["ct"]), "--volume", str(tmp_path / "hu.nii.gz"), "-q", "What?",
+                     "--device", "cpu"])  # fmt: skip
+    assert rc != 0 and "intensity 'uint8'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case,lora", [("2d", False), ("ct", True)])
+def test_fine_tunes_from_an_imported_folder(imported, tmp_path, capsys, case, lora):
+    """An imported folder is a stage's `init` through the packaged fine-tuning configs
+    (full for 2D, LoRA for CT): it trains and exports a folder with the same processor
+    and decoding; a stage that would feed the encoder otherwise is refused, naming it."""
+    pytest.importorskip("peft")
+    from omnivmed.cli.train import main as train_main
     from omnivmed.processing.options import ProcessorOptions
-    from omnivmed.training import ConfigError, StageConfig
-    from omnivmed.training.trainer import train_stage
 
-    folder = imported["2d"]
-    shutil.copy(FIXTURES / "inputs" / "image.png", tmp_path / "image.png")
-    record = {"id": "a", "image": "image.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": " A scan."}]}  # fmt: skip
+    folder, golden = imported[case], CASES[case]
+    medium = Path(golden["input_file"]).name
+    shutil.copy(FIXTURES / golden["input_file"], tmp_path / medium)
+    field = "images" if KINDS[case] == VisualKind.IMAGE else "volumes"
+    record = {"id": "a", field: [medium], "conversations": [
+        {"from": "human", "value": golden["question"]}, {"from": "gpt", "value": " A scan."}]}  # fmt: skip
     (tmp_path / "train.json").write_text(json.dumps([record, {**record, "id": "b"}]))
-    saved = ProcessorOptions.from_dir(folder)
-
-    def stage(media: ProcessorOptions) -> StageConfig:
-        return StageConfig(name="ft", init=str(folder), data=str(tmp_path / "train.json"),
-                           output_dir=str(tmp_path / "out"), trainable=["connector"], lr=1e-3,
-                           micro_batch_size=2, zero_stage=0, media=media)  # fmt: skip
-
-    with pytest.raises(ConfigError, match="resize: 'pil_bicubic' there, 'bilinear' here"):
-        train_stage(stage(ProcessorOptions()))
-    final = train_stage(stage(saved))
+    args = ["--config", f"medmvl_finetune_{case}", "--data", str(tmp_path / "train.json"),
+            "--output-dir", str(tmp_path / "runs"), "--set", f"init={folder}",
+            "--set", "max_steps=1", "--set", "zero_stage=0", "--set", "micro_batch_size=2"]  # fmt: skip
+    if lora:
+        args += ["--set", "lora={r: 4, alpha: 8}"]
+    assert train_main([*args, "--set", "media.resize=bilinear"]) == 2
+    assert "resize: 'pil_bicubic' there, 'bilinear' here" in capsys.readouterr().err
+    assert train_main(args) == 0
+    final = tmp_path / "runs" / f"medmvl_finetune_{case}" / "final"
     model, processor = load_for_inference(final, "cpu", "float32")
-    assert processor.options == saved
-    penalty = CASES["2d"]["llm_generation_config"]["repetition_penalty"]
-    assert model.generation_config.repetition_penalty == penalty  # still MedM-VL's decoding
+    assert processor.options == ProcessorOptions.from_dir(folder)
     assert (
         processor.tokenizer.chat_template
         == load_for_inference(folder, "cpu")[1].tokenizer.chat_template
     )
+    penalty = golden["llm_generation_config"]["repetition_penalty"]
+    assert model.generation_config.repetition_penalty == penalty  # still MedM-VL's decoding
+    prompt, _ = _prompt(case, model, processor)
+    (row,) = generate(model, processor.tokenizer, [prompt], Sampling(4))
+    assert row.tokens  # the fine-tuned folder answers
 
 
 # ---- refusals ---------------------------------------------------------------------------

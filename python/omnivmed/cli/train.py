@@ -54,11 +54,26 @@ def _find_data(data_dir: Path, stage: int) -> str:
     raise ConfigError(f"no data file stage{stage}.json/.jsonl/.yaml in {data_dir}")
 
 
+def stage_file(given: str) -> Path:
+    """A --config argument: a YAML file, or the name of a packaged stage config (e.g.
+    medmvl_finetune_2d)."""
+    path = Path(given)
+    if path.exists() or path.suffix:
+        return path
+    try:
+        return packaged_config(given)
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"--config {given}: neither a file nor a packaged config ({exc})"
+        ) from None
+
+
 def plan_stages(args) -> list[StageConfig]:
     """Every stage's config, validated (files, keys, order) before anything trains."""
     stages: list[StageConfig] = []
     if args.config:
-        for i, path in enumerate(args.config):
+        for i, given in enumerate(args.config):
+            path = stage_file(given)
             cfg = load_stage_config(path, data=args.data if i == 0 else None,
                                     output_dir=str(Path(args.output_dir) / Path(path).stem) if args.output_dir else None)  # fmt: skip
             stages.append(cfg)
@@ -170,7 +185,8 @@ def run_demo(output_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="omnivmed-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--config", nargs="+", help="stage YAML file(s), run in order")
+    parser.add_argument("--config", nargs="+",
+                        help="stage YAML file(s) or packaged config name(s), run in order")  # fmt: skip
     parser.add_argument("--data", help="data file for the (first) --config stage")
     parser.add_argument("--stages", help="comma-separated packaged stages, e.g. 1,2,3")
     parser.add_argument("--recipe", choices=["omnivmed", "medmvl"], default="omnivmed")
