@@ -6,6 +6,8 @@ line and leave no output folder."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -22,21 +24,37 @@ from omnivmed.inference import Sampling, build_prompt, generate, load_for_infere
 from omnivmed.models.kinds import VisualKind
 from omnivmed.processing.processor import Media
 
-FIXTURES = Path(__file__).parent / "fixtures" / "medm_vl"
-GOLDENS = json.loads((FIXTURES / "goldens.json").read_text())
+# The goldens and the generator of the release folders they were made from (the folders
+# themselves are written per test run, not kept in the repository).
+SOURCE = Path(__file__).parent / "fixtures" / "medm_vl"
+GOLDENS = json.loads((SOURCE / "goldens.json").read_text())
 CASES = GOLDENS["cases"]
 KINDS = {"2d": VisualKind.IMAGE, "ct": VisualKind.VOLUME}
 MAX_NEW = GOLDENS["made_with"]["max_new_tokens"]
 
 
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory) -> dict[str, Path]:
+def releases(tmp_path_factory) -> Path:
+    """The tiny release folders, their component folders and inputs, as make_release.py
+    writes them: byte for byte the weights the goldens were made with (checked)."""
+    spec = importlib.util.spec_from_file_location("make_release", SOURCE / "make_release.py")
+    make_release = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_release)
+    root = tmp_path_factory.mktemp("medm_vl")
+    make_release.main(root)
+    for name, digest in GOLDENS["weights_sha256"].items():
+        assert hashlib.sha256((root / name).read_bytes()).hexdigest() == digest, name
+    return root
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory, releases) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("imported")
     out = {}
     for case, golden in CASES.items():
         out[case] = root / case
         assert (
-            import_main(["medm-vl", str(FIXTURES / golden["release"]), "--out", str(out[case])])
+            import_main(["medm-vl", str(releases / golden["release"]), "--out", str(out[case])])
             == 0
         )
     return out
@@ -53,9 +71,9 @@ def _question(case: str) -> str:
     return question
 
 
-def _prompt(case, model, processor):
+def _prompt(case, model, processor, releases: Path):
     kind = KINDS[case]
-    visual = processor.encode_media([Media(kind, FIXTURES / CASES[case]["input_file"])])
+    visual = processor.encode_media([Media(kind, releases / CASES[case]["input_file"])])
     messages = [{"role": "user", "content": f"{kind.marker}\n{_question(case)}"}]
     return build_prompt(processor, messages, visual), visual
 
@@ -78,23 +96,23 @@ def test_lists_its_families(capsys):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_every_tensor_accounted_for(imported, case):
+def test_every_tensor_accounted_for(imported, case, releases):
     summary = json.loads((imported[case] / "import.json").read_text())
     unused = set(summary["unused"])
     assert unused and all(".post_layernorm." in n or ".head." in n for n in unused), (
         "only SigLIP's final LayerNorm and pooling head are unused"
     )
     index = json.loads(
-        (FIXTURES / CASES[case]["release"] / "model.safetensors.index.json").read_text()
+        (releases / CASES[case]["release"] / "model.safetensors.index.json").read_text()
     )
     assert summary["weights"] + len(unused) == len(index["weight_map"])
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_same_prompt_pixels_features_and_logits(loaded, case):
+def test_same_prompt_pixels_features_and_logits(loaded, case, releases):
     golden = CASES[case]
     model, processor = loaded[case]
-    prompt, visual = _prompt(case, model, processor)
+    prompt, visual = _prompt(case, model, processor, releases)
     ids = prompt.input_ids.tolist()
     assert len(ids) == golden["inputs_embeds_len"]
     collapsed = []
@@ -144,10 +162,10 @@ def test_same_prompt_pixels_features_and_logits(loaded, case):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_same_greedy_answer(loaded, case):
+def test_same_greedy_answer(loaded, case, releases):
     golden = CASES[case]
     model, processor = loaded[case]
-    prompt, _ = _prompt(case, model, processor)
+    prompt, _ = _prompt(case, model, processor, releases)
     (row,) = generate(model, processor.tokenizer, [prompt], Sampling(MAX_NEW))
     eos = GOLDENS["special_token_ids"]["eos"]
     ends_on_eos = golden["generated_ids"][-1] == eos
@@ -157,11 +175,11 @@ def test_same_greedy_answer(loaded, case):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_penalty_counts_answer_tokens_only(loaded, case):
+def test_penalty_counts_answer_tokens_only(loaded, case, releases):
     """Without the LLM folder's repetition penalty the answer is MedM-VL's answer without
     it: the penalty (1.05) is what makes the goldens, and it never sees the prompt."""
     model, processor = loaded[case]
-    prompt, _ = _prompt(case, model, processor)
+    prompt, _ = _prompt(case, model, processor, releases)
     saved = model.generation_config.repetition_penalty
     assert saved == CASES[case]["llm_generation_config"]["repetition_penalty"]
     model.generation_config.repetition_penalty = 1.0
@@ -175,9 +193,9 @@ def test_penalty_counts_answer_tokens_only(loaded, case):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_infer_cli_answers_as_medm_vl(imported, case, capsys):
+def test_infer_cli_answers_as_medm_vl(imported, case, capsys, releases):
     flag = "--image" if KINDS[case] == VisualKind.IMAGE else "--volume"
-    rc = infer_main([str(imported[case]), flag, str(FIXTURES / CASES[case]["input_file"]),
+    rc = infer_main([str(imported[case]), flag, str(releases / CASES[case]["input_file"]),
                      "-q", _question(case), "--max-new-tokens", str(MAX_NEW), "--device", "cpu",
                      "--dtype", "float32", "--json"])  # fmt: skip
     assert rc == 0
@@ -185,7 +203,7 @@ def test_infer_cli_answers_as_medm_vl(imported, case, capsys):
     assert report["answers"][0]["text"] == CASES[case]["generated_text"].strip()
 
 
-def test_eval_run_answers_as_medm_vl(imported, tmp_path):
+def test_eval_run_answers_as_medm_vl(imported, tmp_path, releases):
     records = []
     for case, golden in CASES.items():
         field = "images" if KINDS[case] == VisualKind.IMAGE else "volumes"
@@ -197,7 +215,7 @@ def test_eval_run_answers_as_medm_vl(imported, tmp_path):
         bench.write_text(json.dumps(next(r for r in records if r["id"] == case)) + "\n")
         out = tmp_path / f"eval-{case}"
         rc = eval_main(["run", str(imported[case]), "--benchmark", str(bench), "--data-root",
-                        str(FIXTURES / "inputs"), "--out", str(out), "--device", "cpu",
+                        str(releases / "inputs"), "--out", str(out), "--device", "cpu",
                         "--max-new-tokens", str(MAX_NEW)])  # fmt: skip
         assert rc == 0
         (prediction,) = [
@@ -206,7 +224,7 @@ def test_eval_run_answers_as_medm_vl(imported, tmp_path):
         assert prediction["prediction"] == CASES[case]["generated_text"].strip()
 
 
-def test_serve_answers_as_medm_vl(loaded):
+def test_serve_answers_as_medm_vl(loaded, releases):
     """omnivmed-serve over an imported folder: a greedy request's text is MedM-VL's."""
     from fastapi.testclient import TestClient
 
@@ -215,7 +233,7 @@ def test_serve_answers_as_medm_vl(loaded):
     for case, golden in CASES.items():
         model, processor = loaded[case]
         part = "image_url" if KINDS[case] == VisualKind.IMAGE else "volume_url"
-        settings = ServeSettings(media_root=FIXTURES / "inputs", max_tokens=MAX_NEW)
+        settings = ServeSettings(media_root=releases / "inputs", max_tokens=MAX_NEW)
         with TestClient(create_app(model, processor, settings)) as client:
             content = [{"type": part, part: {"url": Path(golden["input_file"]).name}},
                        {"type": "text", "text": _question(case)}]  # fmt: skip
@@ -227,7 +245,7 @@ def test_serve_answers_as_medm_vl(loaded):
         assert text == golden["generated_text"], case
 
 
-def test_viewer_shows_every_patch(loaded):
+def test_viewer_shows_every_patch(loaded, releases):
     """The server's preview of a medium for an imported model: every frame or slice at the
     encoder's size, nothing pruned (MedM-VL's models see every patch)."""
     from fastapi.testclient import TestClient
@@ -237,7 +255,7 @@ def test_viewer_shows_every_patch(loaded):
     for case, golden in CASES.items():
         model, processor = loaded[case]
         part = "image_url" if KINDS[case] == VisualKind.IMAGE else "volume_url"
-        app = create_app(model, processor, ServeSettings(media_root=FIXTURES / "inputs"))
+        app = create_app(model, processor, ServeSettings(media_root=releases / "inputs"))
         with TestClient(app) as client:
             reply = client.post("/v1/omnivmed/preview",
                                 json={"type": part, "url": Path(golden["input_file"]).name})  # fmt: skip
@@ -276,7 +294,7 @@ def test_infer_reads_the_demo_scans(imported, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case,lora", [("2d", False), ("ct", True)])
-def test_fine_tunes_from_an_imported_folder(imported, tmp_path, capsys, case, lora):
+def test_fine_tunes_from_an_imported_folder(imported, tmp_path, capsys, case, lora, releases):
     """An imported folder is a stage's `init` through the packaged fine-tuning configs
     (full for 2D, LoRA for CT): it trains and exports a folder with the same processor
     and decoding; a stage that would feed the encoder otherwise is refused, naming it."""
@@ -286,7 +304,7 @@ def test_fine_tunes_from_an_imported_folder(imported, tmp_path, capsys, case, lo
 
     folder, golden = imported[case], CASES[case]
     medium = Path(golden["input_file"]).name
-    shutil.copy(FIXTURES / golden["input_file"], tmp_path / medium)
+    shutil.copy(releases / golden["input_file"], tmp_path / medium)
     field = "images" if KINDS[case] == VisualKind.IMAGE else "volumes"
     record = {"id": "a", field: [medium], "conversations": [
         {"from": "human", "value": golden["question"]}, {"from": "gpt", "value": " A scan."}]}  # fmt: skip
@@ -308,17 +326,17 @@ def test_fine_tunes_from_an_imported_folder(imported, tmp_path, capsys, case, lo
     )
     penalty = golden["llm_generation_config"]["repetition_penalty"]
     assert model.generation_config.repetition_penalty == penalty  # still MedM-VL's decoding
-    prompt, _ = _prompt(case, model, processor)
+    prompt, _ = _prompt(case, model, processor, releases)
     (row,) = generate(model, processor.tokenizer, [prompt], Sampling(4))
     assert row.tokens  # the fine-tuned folder answers
 
 
 # ---- refusals ---------------------------------------------------------------------------
 @pytest.fixture
-def workspace(tmp_path) -> Path:
+def workspace(tmp_path, releases) -> Path:
     """A copy of the fixtures (release folders beside their component folders)."""
     for name in (CASES["2d"]["release"], CASES["ct"]["release"], "Qwen", "google"):
-        shutil.copytree(FIXTURES / name, tmp_path / name)
+        shutil.copytree(releases / name, tmp_path / name)
     return tmp_path
 
 
