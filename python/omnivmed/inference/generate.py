@@ -24,6 +24,7 @@ import torch
 from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
 )
@@ -122,25 +123,6 @@ def draw(
     u = torch.rand(1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[-1]
     k = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.numel() - 1)
     return order[k]
-
-
-class _AnswerRepetitionPenalty(LogitsProcessor):
-    """The repetition penalty over the tokens after column `start` (the answers): a
-    token already generated in a row has its score divided by `penalty` when positive,
-    multiplied when negative."""
-
-    def __init__(self, penalty: float, start: int) -> None:
-        if not penalty > 0:
-            raise ValueError(f"repetition_penalty must be positive, got {penalty}")
-        self.penalty, self.start = float(penalty), start
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        answered = input_ids[:, self.start :]
-        if answered.shape[1] == 0:
-            return scores
-        seen = scores.gather(1, answered)
-        seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
-        return scores.scatter(1, answered, seen)
 
 
 class _RowSampler(LogitsProcessor):
@@ -274,7 +256,10 @@ def generate(
     processors = []
     penalty = getattr(getattr(model, "generation_config", None), "repetition_penalty", None)
     if penalty is not None and penalty != 1.0:
-        processors.append(_AnswerRepetitionPenalty(penalty, batch.input_ids.shape[1]))
+        # Over the answers only (every column after the left-padded prompts), as MedM-VL,
+        # which generates from embeddings, applies it.
+        processors.append(RepetitionPenaltyLogitsProcessor(
+            float(penalty), prompt_ignore_length=batch.input_ids.shape[1]))  # fmt: skip
     processors.append(_RowSampler(sampling))
     # Greedy decoding over scores the row sampler has already decided for sampled rows.
     model.generate(
