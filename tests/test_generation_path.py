@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import answering_tiny_model
 
 import omnivmed
 from omnivmed.cli.eval import main as eval_main
@@ -40,21 +41,11 @@ CASES = {
 }
 
 
-def tiny_model():
-    torch.manual_seed(0)
-    model, tokenizer = build_preset("tiny")
-    with torch.no_grad():  # large random LLM weights: answers that depend on the input
-        for p in model.language_model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    return model.eval(), tokenizer
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """A model folder as omnivmed-train exports it: weights, tokenizer, processor."""
     path = tmp_path_factory.mktemp("model")
-    model, tokenizer = tiny_model()
+    model, tokenizer = answering_tiny_model()
     model.save_pretrained(path)
     OmniVMedProcessor(model.config, tokenizer, OPTIONS).save_pretrained(path)
     return path
@@ -149,7 +140,7 @@ def test_infer_eval_and_serve_give_the_same_greedy_tokens(
 
 
 def test_processor_saves_and_loads_itself(tmp_path, media):
-    model, tokenizer = tiny_model()
+    model, tokenizer = answering_tiny_model()
     saved = OmniVMedProcessor(model.config, tokenizer, OPTIONS)
     path = saved.save_pretrained(tmp_path / "processor")
     assert path.name == PROCESSOR_CONFIG_NAME
@@ -201,7 +192,7 @@ def test_a_processor_saved_with_another_model_is_refused(tmp_path):
 def test_old_model_folders_still_load(tmp_path, media):
     """Folders written before the processor saved itself: a tokenizer and the media
     settings alone (processor_config.json of settings only), or no settings at all."""
-    model, tokenizer = tiny_model()
+    model, tokenizer = answering_tiny_model()
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     _, processor = load_for_inference(tmp_path, device="cpu")
@@ -221,7 +212,7 @@ def test_old_model_folders_still_load(tmp_path, media):
 
 
 def test_visual_batches_concatenate_in_order(media):
-    model, tokenizer = tiny_model()
+    model, tokenizer = answering_tiny_model()
     processor = OmniVMedProcessor(model.config, tokenizer, OPTIONS)
     batches = [processor.encode_media([Media(k, media / CASES[k][2])]) for k in CASES]
     joined = VisualBatch.concat(batches)

@@ -19,15 +19,14 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from media_bytes import data_url, png_bytes  # noqa: E402
+from tiny_models import answering_tiny_model  # noqa: E402
 
-from omnivmed.models import build_preset  # noqa: E402
 from omnivmed.processing.processor import OmniVMedProcessor, ProcessorOptions  # noqa: E402
 from omnivmed.serving.app import ServeSettings, create_app  # noqa: E402
 
@@ -43,13 +42,7 @@ def server(tmp_path_factory):
     )
     nib.save(nib.Nifti1Image(volume, np.eye(4)), root / "mri.nii.gz")
     (root.parent / "secret.png").write_bytes(png_bytes(2))
-    torch.manual_seed(0)
-    model, tokenizer = build_preset("tiny")
-    with torch.no_grad():  # large random LLM weights: answers that depend on the input
-        for p in model.language_model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    model.eval()
+    model, tokenizer = answering_tiny_model()
     options = ProcessorOptions(max_pixels=48 * 48, min_pixels=32 * 32, max_slices=8)
     settings = ServeSettings(media_root=root, api_key=KEY, max_request_bytes=2 * 2**20,
                              max_media_bytes=2**20, max_tokens=64, max_concurrent=16,

@@ -24,9 +24,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from media_bytes import data_url, png_bytes
+from tiny_models import answering_tiny_model
 
 from omnivmed.cli.serve import API_KEY_ENV, main, resolve_api_key
-from omnivmed.models import build_preset
 from omnivmed.processing.processor import ProcessorOptions
 
 KEY = "key-from-the-environment"
@@ -37,12 +37,7 @@ MAX_REQUEST_PIXELS = 20_000
 
 
 def save_model(folder: Path) -> None:
-    torch.manual_seed(0)
-    model, tokenizer = build_preset("tiny")
-    with torch.no_grad():  # large random LLM weights: answers that depend on the input
-        for p in model.language_model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
+    model, tokenizer = answering_tiny_model()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     ProcessorOptions(max_pixels=48 * 48, min_pixels=32 * 32, max_slices=8).save(folder)
